@@ -1,0 +1,288 @@
+"""Command line of the sink daemon: ``kafka-mlflow-sink run`` and operator helpers.
+
+Every failure the user can fix (bad settings, unreachable broker or MLflow, missing topic)
+ends with one line on stderr and a non-zero exit code, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from kafka_mlflow_sink import __version__
+from kafka_mlflow_sink.config import SinkConfig, parse_pairs
+from kafka_mlflow_sink.errors import ConfigError, SinkError
+
+logger = logging.getLogger("kafka_mlflow_sink")
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+ENV_PREFIX = "KAFKA_MLFLOW_SINK_"
+
+
+class Failure(SinkError):
+    """A start-up check failed; the message is the one line the user sees."""
+
+
+def _kafka_options(fn: F) -> F:
+    options = [
+        click.option(
+            "--bootstrap-servers",
+            "-b",
+            envvar=["KAFKA_MLFLOW_SINK_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"],
+            help="Kafka brokers, host:port[,host:port].",
+        ),
+        click.option(
+            "--kafka",
+            "kafka_pairs",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Extra librdkafka setting (security.protocol, sasl.*, ssl.*); repeatable.",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar=ENV_PREFIX + "CONFIG",
+            help="TOML file with settings; flags and environment variables win over it.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kafka-mlflow-sink")
+def cli() -> None:
+    """Kafka as the transport for MLflow experiment tracking.
+
+    Training jobs publish run events to a Kafka topic; `run` writes them into MLflow and
+    commits offsets only after MLflow accepted the writes.
+    """
+
+
+@cli.command()
+@_kafka_options
+@click.option(
+    "--topic",
+    "-t",
+    "topics",
+    multiple=True,
+    envvar=ENV_PREFIX + "TOPICS",
+    help="Topic of run events; repeatable. [default: mlflow-events]",
+)
+@click.option(
+    "--group-id",
+    "-g",
+    envvar=ENV_PREFIX + "GROUP_ID",
+    help="Consumer group. [default: kafka-mlflow-sink]",
+)
+@click.option(
+    "--tracking-uri",
+    envvar=["KAFKA_MLFLOW_SINK_TRACKING_URI", "MLFLOW_TRACKING_URI"],
+    help="MLflow tracking URI. [default: MLflow's own, sqlite:///mlflow.db]",
+)
+@click.option(
+    "--dead-letter-topic",
+    envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
+    help="Topic for records that can never be written. [default: <topic>.dlq]",
+)
+@click.option(
+    "--framing",
+    type=click.Choice(["bare", "registry"]),
+    envvar=ENV_PREFIX + "FRAMING",
+    help="Bare Avro, or the Schema Registry wire format. [default: bare]",
+)
+@click.option(
+    "--schema-registry-url",
+    envvar=ENV_PREFIX + "SCHEMA_REGISTRY_URL",
+    help="Schema Registry, for --framing registry.",
+)
+@click.option(
+    "--batch-max-records",
+    type=int,
+    envvar=ENV_PREFIX + "BATCH_MAX_RECORDS",
+    help="Most records in one batch. [default: 5000]",
+)
+@click.option(
+    "--batch-max-wait",
+    type=float,
+    envvar=ENV_PREFIX + "BATCH_MAX_WAIT",
+    help="Seconds to wait for a batch to fill. [default: 1.0]",
+)
+@click.option(
+    "--stats-interval",
+    type=float,
+    envvar=ENV_PREFIX + "STATS_INTERVAL",
+    help="Seconds between progress lines. [default: 60]",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    envvar=ENV_PREFIX + "LOG_LEVEL",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    show_default=True,
+)
+@click.option("--print-config", is_flag=True, help="Print the effective settings and exit.")
+def run(
+    config_file: Path | None,
+    kafka_pairs: tuple[str, ...],
+    log_level: str,
+    print_config: bool,
+    **flags: Any,
+) -> None:
+    """Consume run events and write them into MLflow until SIGTERM or SIGINT."""
+    _setup_logging(log_level)
+    config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
+    if print_config:
+        for key, value in config.redacted().items():
+            click.echo(f"{key} = {value!r}")
+        return
+    _guard(lambda: _run_sink(config))
+
+
+@cli.command()
+@_kafka_options
+@click.option("--topic", "-t", "topics", multiple=True, required=True, help="Topic; repeatable.")
+@click.option("--group-id", "-g", default="kafka-mlflow-sink", show_default=True)
+@click.option(
+    "--wait",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the lag to reach 0.",
+)
+def lag(
+    config_file: Path | None,
+    kafka_pairs: tuple[str, ...],
+    bootstrap_servers: str | None,
+    topics: tuple[str, ...],
+    group_id: str,
+    wait: float,
+) -> None:
+    """Show the group's committed offsets against the topics' end offsets.
+
+    Exits 0 when the group has committed everything, 1 otherwise.
+    """
+    from kafka_mlflow_sink.offsets import group_lag
+
+    settings = _guard(
+        lambda: _load_config(
+            config_file,
+            kafka_pairs,
+            {"bootstrap_servers": bootstrap_servers, "topics": topics, "group_id": group_id},
+        )
+    )
+    deadline = time.monotonic() + wait
+    while True:
+        rows = _guard(lambda: group_lag(settings))
+        total = sum(r.lag for r in rows)
+        if total == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    for row in rows:
+        click.echo(
+            f"{row.topic}[{row.partition}] committed={row.committed} end={row.end} lag={row.lag}"
+        )
+    click.echo(f"total lag {total}")
+    sys.exit(0 if total == 0 else 1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="kafka-mlflow-sink")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run ``action``; turn the errors a user can fix into one line and an exit code."""
+    try:
+        return action()
+    except ConfigError as exc:
+        _fail(f"configuration: {exc}", EXIT_CONFIG)
+    except SinkError as exc:
+        _fail(str(exc), EXIT_UNAVAILABLE)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"kafka-mlflow-sink: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load_config(
+    config_file: Path | None, kafka_pairs: tuple[str, ...], flags: dict[str, Any]
+) -> SinkConfig:
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values = _read_toml(config_file)
+    kafka = {**values.pop("kafka", {}), **parse_pairs(kafka_pairs, "--kafka")}
+    given = {k: v for k, v in flags.items() if v not in (None, ())}
+    values.update(given)
+    if isinstance(values.get("topics"), str):
+        values["topics"] = values["topics"].split(",")
+    values["topics"] = tuple(t.strip() for t in values.get("topics") or ("mlflow-events",))
+    values["kafka"] = {str(k): str(v) for k, v in kafka.items()}
+    return SinkConfig.from_mapping(values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _run_sink(config: SinkConfig) -> None:
+    # MLflow's HTTP client retries 429/5xx up to 7 times with long backoff by default; the
+    # sink retries whole batches itself, so let each call fail fast instead of stacking.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from kafka_mlflow_sink.codec import make_codec
+    from kafka_mlflow_sink.offsets import check_kafka
+    from kafka_mlflow_sink.sink import Sink
+    from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
+
+    logger.info("kafka-mlflow-sink %s starting with %s", __version__, config.redacted())
+    check_kafka(config)
+    writer = MlflowWriter(config.tracking_uri)
+    check_mlflow(writer)
+    sink = Sink(config, make_codec(config.framing, config.schema_registry_url), writer)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info(
+            "%s received: finishing the batch in flight, then stopping", signal.Signals(signum).name
+        )
+        sink.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sink.run()

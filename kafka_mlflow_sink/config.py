@@ -1,0 +1,148 @@
+"""Typed settings of the sink daemon, validated once at start-up.
+
+Settings come from, highest precedence first: command-line flags, environment variables
+(``KAFKA_MLFLOW_SINK_<NAME>``, plus the usual ``KAFKA_BOOTSTRAP_SERVERS`` and
+``MLFLOW_TRACKING_URI``), a TOML file given with ``--config``, and the defaults below. Kafka
+client settings (security among them) pass through unchanged in ``kafka``; values of keys that
+look secret are never logged or printed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kafka_mlflow_sink.errors import ConfigError
+
+FRAMINGS = ("bare", "registry")
+_SECRET_KEY = re.compile(r"password|secret|token|credential|key\.pem|private", re.IGNORECASE)
+# Settings the sink owns: overriding them would break commit after write.
+_RESERVED_KAFKA = frozenset({"enable.auto.commit", "enable.auto.offset.store", "group.id"})
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Everything the sink daemon needs to run.
+
+    Attributes:
+        bootstrap_servers: Kafka brokers, ``host:port[,host:port]``.
+        topics: topics of run events to consume.
+        group_id: the consumer group; instances sharing it split the partitions.
+        tracking_uri: MLflow tracking URI; MLflow's default (``sqlite:///mlflow.db``) when unset.
+        dead_letter_topic: where undecodable and refused records go; ``<topic>.dlq`` by default.
+        framing: ``bare`` (bundled schema) or ``registry`` (Confluent wire format).
+        schema_registry_url: Schema Registry for ``registry`` framing.
+        batch_max_records: most records in one batch.
+        batch_max_wait: seconds to wait for a batch to fill.
+        retry_initial_wait: first backoff, seconds, when MLflow fails transiently.
+        retry_max_wait: longest backoff, seconds.
+        stats_interval: seconds between progress lines in the log.
+        auto_offset_reset: where a group with no committed offset starts.
+        kafka: extra librdkafka settings for the consumer and the dead-letter producer.
+    """
+
+    bootstrap_servers: str
+    topics: tuple[str, ...]
+    group_id: str = "kafka-mlflow-sink"
+    tracking_uri: str | None = None
+    dead_letter_topic: str = ""
+    framing: str = "bare"
+    schema_registry_url: str | None = None
+    batch_max_records: int = 5000
+    batch_max_wait: float = 1.0
+    retry_initial_wait: float = 0.5
+    retry_max_wait: float = 30.0
+    stats_interval: float = 60.0
+    auto_offset_reset: str = "earliest"
+    kafka: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap_servers:
+            raise ConfigError("bootstrap_servers is required (e.g. 127.0.0.1:9092)")
+        if not self.topics or any(not t for t in self.topics):
+            raise ConfigError("at least one topic is required")
+        if self.framing not in FRAMINGS:
+            raise ConfigError(f"framing must be one of {', '.join(FRAMINGS)}, not {self.framing!r}")
+        if self.framing == "registry" and not self.schema_registry_url:
+            raise ConfigError("framing 'registry' needs schema_registry_url")
+        if self.batch_max_records < 1:
+            raise ConfigError("batch_max_records must be at least 1")
+        for name in ("batch_max_wait", "retry_initial_wait", "retry_max_wait", "stats_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ConfigError("auto_offset_reset must be 'earliest' or 'latest'")
+        reserved = sorted(_RESERVED_KAFKA & set(self.kafka))
+        if reserved:
+            raise ConfigError(f"kafka setting {reserved[0]!r} is managed by the sink")
+        if not self.dead_letter_topic:
+            object.__setattr__(self, "dead_letter_topic", f"{self.topics[0]}.dlq")
+        if self.dead_letter_topic in self.topics:
+            raise ConfigError("dead_letter_topic must differ from the consumed topics")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SinkConfig:
+        """Build from loose values (a TOML file, flags), rejecting unknown names."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def consumer_settings(self) -> dict[str, Any]:
+        """librdkafka consumer settings; offsets are only ever committed by the sink."""
+        return {
+            **self.kafka,
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": self.auto_offset_reset,
+            "partition.assignment.strategy": self.kafka.get(
+                "partition.assignment.strategy", "range"
+            ),
+        }
+
+    def producer_settings(self) -> dict[str, Any]:
+        """librdkafka settings of the dead-letter producer."""
+        shared = {k: v for k, v in self.kafka.items() if not k.startswith(("fetch.", "session."))}
+        return {
+            **shared,
+            "bootstrap.servers": self.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with secret values masked, for logs and ``--print-config``."""
+        shown: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["kafka"] = redact(self.kafka)
+        shown["topics"] = list(self.topics)
+        if self.tracking_uri:
+            shown["tracking_uri"] = redact_uri(self.tracking_uri)
+        if self.schema_registry_url:
+            shown["schema_registry_url"] = redact_uri(self.schema_registry_url)
+        return shown
+
+
+def redact(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the values of secret-looking keys replaced by ``***``."""
+    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in settings.items()}
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without the password of its user-info part."""
+    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", uri)
+
+
+def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict; one precise error for a malformed pair."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {pair.split('=')[0]!r} must look like KEY=VALUE")
+        result[key.strip()] = value
+    return result

@@ -1,0 +1,59 @@
+"""Every error the sink raises, in one tree.
+
+::
+
+    SinkError
+    ├── ConfigError              bad configuration; the CLI prints one line and exits 2
+    ├── PublishError             the Publisher could not deliver events to Kafka
+    ├── DecodeError              a record's bytes are not a valid run event (permanent)
+    └── WriteError               MLflow refused or failed a write
+        ├── TransientWriteError  worth retrying: MLflow down, slow, throttling, locked
+        └── PermanentWriteError  retrying cannot help: the record goes to the dead-letter topic
+
+Each class says whether retrying can help through ``retriable``; retry loops test that flag
+and nothing else.
+"""
+
+from __future__ import annotations
+
+
+class SinkError(Exception):
+    """Root of every error raised by kafka-mlflow-sink."""
+
+    retriable: bool = False
+
+
+class ConfigError(SinkError):
+    """A configuration value is missing, malformed or unknown."""
+
+
+class PublishError(SinkError):
+    """Events could not be delivered to Kafka by the Publisher."""
+
+
+class DecodeError(SinkError):
+    """A record cannot be decoded into a run event; retrying will not change that."""
+
+
+class WriteError(SinkError):
+    """MLflow did not accept a write.
+
+    Args:
+        reason: one line saying what failed.
+        run_key: the run the write was for, when known.
+    """
+
+    def __init__(self, reason: str, run_key: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.run_key = run_key
+
+
+class TransientWriteError(WriteError):
+    """MLflow failed in a way that can pass: unreachable, 429/5xx, a locked database."""
+
+    retriable = True
+
+
+class PermanentWriteError(WriteError):
+    """MLflow rejected a write for good: a conflicting param, an invalid key, a deleted run."""

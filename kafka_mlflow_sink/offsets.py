@@ -1,0 +1,77 @@
+"""Start-up checks against Kafka, and where a consumer group stands on its topics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from kafka_mlflow_sink.config import SinkConfig
+from kafka_mlflow_sink.errors import SinkError
+
+CHECK_TIMEOUT = 10.0
+
+
+class KafkaUnavailable(SinkError):
+    """The broker cannot be reached, or a topic the sink needs is missing."""
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed: int  # -1 when the group has committed nothing yet
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - max(self.committed, 0)
+
+
+def _consumer(config: SinkConfig) -> Consumer:
+    settings = config.consumer_settings()
+    settings.update({"enable.partition.eof": False, "session.timeout.ms": 10_000})
+    return Consumer(settings)
+
+
+def check_kafka(config: SinkConfig) -> None:
+    """Fail with one line when the broker is unreachable or a consumed topic is missing."""
+    consumer = _consumer(config)
+    try:
+        metadata = consumer.list_topics(timeout=CHECK_TIMEOUT)
+    except KafkaException as exc:
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {config.bootstrap_servers} within {CHECK_TIMEOUT:.0f}s "
+            f"({exc.args[0].str() if exc.args else exc})"
+        ) from exc
+    finally:
+        consumer.close()
+    missing = [t for t in config.topics if t not in metadata.topics]
+    if missing:
+        raise KafkaUnavailable(f"topic {missing[0]!r} does not exist on {config.bootstrap_servers}")
+
+
+def group_lag(config: SinkConfig) -> list[PartitionLag]:
+    """Committed offset, end offset and lag of ``config.group_id`` on every partition."""
+    consumer = _consumer(config)
+    try:
+        metadata = consumer.list_topics(timeout=CHECK_TIMEOUT)
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in config.topics
+            if topic in metadata.topics
+            for p in sorted(metadata.topics[topic].partitions)
+        ]
+        committed = consumer.committed(partitions, timeout=CHECK_TIMEOUT)
+        rows = []
+        for tp in committed:
+            _low, high = consumer.get_watermark_offsets(tp, timeout=CHECK_TIMEOUT)
+            rows.append(PartitionLag(tp.topic, tp.partition, tp.offset, high))
+        return rows
+    except KafkaException as exc:
+        raise KafkaUnavailable(
+            f"cannot read offsets from {config.bootstrap_servers}: "
+            f"{exc.args[0].str() if exc.args else exc}"
+        ) from exc
+    finally:
+        consumer.close()

@@ -1,0 +1,327 @@
+"""The sink loop: Kafka records in, MLflow writes out, offsets committed after the writes.
+
+One turn of the loop handles one batch:
+
+1. **poll**: take up to ``batch_max_records`` records, waiting at most ``batch_max_wait``.
+2. **decode**: each record becomes a run event, or a dead letter when it cannot be decoded.
+3. **plan and write**: the writer folds the events by run and applies them to MLflow. A
+   transient failure pauses every assigned partition and retries the whole batch with
+   exponential backoff and jitter, polling Kafka between attempts so the sink stays in its
+   consumer group. Writes are idempotent, so a retry after a partial write is safe.
+4. **dead-letter**: records MLflow refuses for good, and undecodable ones, are produced to the
+   dead-letter topic with their origin in the headers, and the producer is flushed: the
+   broker has acknowledged them before anything is committed.
+5. **commit**: per partition, the offset after the batch's last record, synchronously.
+
+Promises kept here: an offset is committed only after every record below it was written to
+MLflow or acknowledged on the dead-letter topic (commit after write); when partitions are
+revoked while a batch is being retried, the batch is abandoned uncommitted and the next owner
+redoes it (rebalance safety); a stop request ends the loop at the next poll or retry wait,
+commits nothing unwritten, and leaves the group (clean shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_never,
+    wait_random_exponential,
+)
+
+from kafka_mlflow_sink.codec import Codec
+from kafka_mlflow_sink.config import SinkConfig
+from kafka_mlflow_sink.deadletter import DeadLetter, DeadLetterWriter
+from kafka_mlflow_sink.errors import DecodeError, SinkError
+from kafka_mlflow_sink.plan import Position, SourcedEvent, group_by_run
+from kafka_mlflow_sink.writer import MlflowWriter, WriteReport
+
+logger = logging.getLogger(__name__)
+
+
+class BatchAbandoned(Exception):
+    """The batch in flight is dropped uncommitted: partitions were revoked or a stop came."""
+
+
+@dataclass
+class SinkStats:
+    """Counters since the sink started."""
+
+    records: int = 0
+    batches: int = 0
+    points: int = 0
+    runs_created: int = 0
+    runs_found: int = 0
+    artifacts: int = 0
+    dead_lettered: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, report: WriteReport) -> None:
+        self.points += report.points
+        self.runs_created += report.runs_created
+        self.runs_found += report.runs_found
+        self.artifacts += report.artifacts
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return (
+            f"{self.records} records in {self.batches} batches, {self.points} metric points "
+            f"({self.points / elapsed:.0f}/s), {self.runs_created} runs created, "
+            f"{self.runs_found} found, {self.artifacts} artifacts, "
+            f"{self.dead_lettered} dead-lettered"
+        )
+
+
+class Sink:
+    """A sink instance: one member of the consumer group, writing into one MLflow.
+
+    Args:
+        config: validated settings.
+        codec: decodes record values into run events.
+        writer: applies write plans to MLflow.
+        commit: where commits go; commits are synchronous and only follow accepted writes.
+    """
+
+    def __init__(self, config: SinkConfig, codec: Codec, writer: MlflowWriter) -> None:
+        self.config = config
+        self.codec = codec
+        self.writer = writer
+        self.stats = SinkStats()
+        self._stop = threading.Event()
+        self._revoked = False
+        self._paused = False
+        self._carry: list[Message] = []
+        self._consumer = Consumer(config.consumer_settings())
+        self._dead_letters = DeadLetterWriter(
+            Producer(config.producer_settings()), config.dead_letter_topic, config.group_id
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop; safe from a signal handler or another thread."""
+        self._stop.set()
+
+    def run(self, until_idle: Callable[[], bool] | None = None) -> SinkStats:
+        """Consume until ``stop`` is called, then leave the group and close.
+
+        Args:
+            until_idle: called after every empty poll; the loop stops when it returns True.
+                Used by one-shot modes; the daemon passes None.
+        """
+        self._consumer.subscribe(
+            list(self.config.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        last_report = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                records = self._poll()
+                if records:
+                    self._handle(records)
+                elif until_idle is not None and until_idle():
+                    break
+                if time.monotonic() - last_report >= self.config.stats_interval:
+                    logger.info("progress: %s", self.stats.line())
+                    last_report = time.monotonic()
+        finally:
+            self._close()
+        return self.stats
+
+    def _close(self) -> None:
+        logger.info("stopping: %s", self.stats.line())
+        self._dead_letters.close()
+        # close() leaves the group at once, so partitions move to other members quickly.
+        self._consumer.close()
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def _poll(self) -> list[Message]:
+        carried, self._carry = self._carry, []
+        wanted = self.config.batch_max_records - len(carried)
+        fresh = self._consumer.consume(wanted, self.config.batch_max_wait) if wanted > 0 else []
+        return carried + [m for m in fresh if self._usable(m)]
+
+    def _usable(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if err.fatal():
+            raise KafkaException(err)
+        # Broker and network trouble is retried inside librdkafka; say it once it happens.
+        logger.warning("Kafka reports %s; librdkafka keeps retrying", err.str())
+        return False
+
+    def _handle(self, records: list[Message]) -> None:
+        self._revoked = False
+        try:
+            dead = self._write_with_retries(records)
+        except BatchAbandoned as why:
+            logger.info("batch of %d records abandoned uncommitted: %s", len(records), why)
+            return
+        self._commit(records)
+        self.stats.records += len(records)
+        self.stats.batches += 1
+        self.stats.dead_lettered += dead
+
+    def _write_with_retries(self, records: list[Message]) -> int:
+        """Write the batch to MLflow and dead-letter what it refuses; retry transient failures.
+
+        Returns:
+            How many records went to the dead-letter topic.
+        """
+        retrying = Retrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, SinkError) and exc.retriable),
+            wait=wait_random_exponential(
+                multiplier=self.config.retry_initial_wait, max=self.config.retry_max_wait
+            ),
+            stop=stop_never,
+            sleep=self._wait_polling,
+            before_sleep=self._on_retry,
+            reraise=True,
+        )
+        try:
+            dead = retrying(self._write_once, records)
+        finally:
+            self._resume_if_paused(retrying)
+        return int(dead)
+
+    def _write_once(self, records: list[Message]) -> int:
+        events, dead = self._decode(records)
+        report = self.writer.apply(group_by_run(events))
+        by_position = {_position(m): m for m in records}
+        for rejection in report.rejected:
+            dead.append(
+                DeadLetter(
+                    by_position[rejection.position],
+                    "write",
+                    rejection.reason,
+                    "PermanentWriteError",
+                )
+            )
+        self._dead_letters.send(dead)
+        self.stats.add(report)
+        return len(dead)
+
+    def _decode(self, records: Sequence[Message]) -> tuple[list[SourcedEvent], list[DeadLetter]]:
+        events: list[SourcedEvent] = []
+        dead: list[DeadLetter] = []
+        for msg in records:
+            try:
+                event = self.codec.decode(msg.value(), _position(msg).topic)
+            except DecodeError as exc:
+                logger.debug("%s cannot be decoded: %s", _position(msg), exc)
+                dead.append(DeadLetter(msg, "decode", str(exc), type(exc).__name__))
+                continue
+            events.append(SourcedEvent(event, _position(msg)))
+        return events, dead
+
+    def _commit(self, records: Sequence[Message]) -> None:
+        """Commit past the batch. Runs only after MLflow accepted every record of it and the
+        broker acknowledged every dead letter."""
+        offsets: dict[tuple[str, int], int] = {}
+        for msg in records:
+            where = _position(msg)
+            tp = (where.topic, where.partition)
+            offsets[tp] = max(offsets.get(tp, -1), where.offset + 1)
+        commit = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            self._consumer.commit(offsets=commit, asynchronous=False)
+        except KafkaException as exc:
+            # The writes stand; whoever owns the partitions next re-reads them, idempotently.
+            logger.warning("commit failed (%s); the records will be delivered again", exc)
+            return
+        logger.debug("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in offsets.items()))
+
+    # -- waiting for MLflow -------------------------------------------------------------
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        if state.attempt_number == 1:
+            self._pause()
+            logger.warning(
+                "MLflow write failed (%s); partitions paused, retrying with backoff, nothing "
+                "committed until it succeeds",
+                getattr(exc, "reason", exc),
+            )
+        else:
+            logger.debug(
+                "attempt %d failed (%s); next in %.1fs",
+                state.attempt_number,
+                getattr(exc, "reason", exc),
+                wait,
+            )
+
+    def _wait_polling(self, seconds: float) -> None:
+        """Sleep between attempts while polling Kafka, so the group keeps this member."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self._stop.is_set():
+                raise BatchAbandoned("stop requested while waiting for MLflow")
+            if self._revoked:
+                raise BatchAbandoned("partitions revoked while waiting for MLflow")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            msg = self._consumer.poll(min(left, 0.5))
+            if msg is not None and self._usable(msg) and not self._revoked:
+                # Fetched before the pause took effect: keep it, in order, for the next batch.
+                self._carry.append(msg)
+
+    def _pause(self) -> None:
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.pause(assignment)
+        self._paused = True
+
+    def _resume_if_paused(self, retrying: Retrying) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.resume(assignment)
+        attempts = retrying.statistics.get("attempt_number", 0)
+        logger.info("MLflow accepts writes again after %s attempts; partitions resumed", attempts)
+
+    # -- rebalances ---------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("partitions assigned: %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Everything written was committed before the next poll, so nothing written is lost
+        # here; a batch still being retried is abandoned and redone by the next owner.
+        logger.info("partitions revoked: %s", _names(partitions))
+        self._revoked = True
+        self._carry.clear()
+        self._paused = False
+
+
+def _position(msg: Message) -> Position:
+    """Where a consumed record sits; consumed records always have all three."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return Position(topic, partition, offset)
+
+
+def _names(partitions: Sequence[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "none"
+
+
+def describe_kafka_error(exc: KafkaException | KafkaError | Any) -> str:
+    """One readable line for a Kafka error."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    return err.str() if isinstance(err, KafkaError) else str(err)
+
+
+__all__ = ["BatchAbandoned", "Sink", "SinkError", "SinkStats", "describe_kafka_error"]

@@ -1,0 +1,372 @@
+"""Applies write plans to MLflow through ``MlflowClient``.
+
+The writer keeps two promises:
+
+* **Idempotent apply.** A run is found by the producer's run key, kept on the MLflow run as
+  the tag ``kafka_mlflow_sink.run_key``; only a run key with no run yet creates one. What the
+  run already holds (params, tags, metric points, end) is read once and skipped by the plan,
+  so writing a record again writes nothing new.
+* **Every failure classified.** MLflow errors become ``TransientWriteError`` (retry the
+  batch later, commit nothing) or ``PermanentWriteError`` (the records involved go to the
+  dead-letter topic). When a ``log_batch`` call is refused for good, its records are tried one
+  by one so that only the records MLflow refuses are rejected.
+
+The writer does not retry: the sink loop retries a whole batch, and idempotent apply makes
+that safe even after a ``log_batch`` that was written in part.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cachetools import LRUCache
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+from kafka_mlflow_sink.errors import (
+    PermanentWriteError,
+    SinkError,
+    TransientWriteError,
+    WriteError,
+)
+from kafka_mlflow_sink.events import MetricPoint
+from kafka_mlflow_sink.plan import (
+    PARENT_RUN_TAG,
+    RUN_KEY_TAG,
+    RUN_NAME_TAG,
+    START_UNKNOWN_TAG,
+    LogBatch,
+    Rejection,
+    RunEvents,
+    RunState,
+    plan_run,
+    point_id,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# MLflow error codes that describe the request, not the moment: retrying cannot help.
+_PERMANENT_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_ALREADY_EXISTS",
+        "RESOURCE_DOES_NOT_EXIST",
+        "INVALID_STATE",
+        "BAD_REQUEST",
+        "MALFORMED_REQUEST",
+    }
+)
+
+
+@dataclass
+class WriteReport:
+    """What one ``apply`` did."""
+
+    runs_created: int = 0
+    runs_found: int = 0
+    points: int = 0
+    params: int = 0
+    tags: int = 0
+    artifacts: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass
+class _KnownRun:
+    run_id: str
+    state: RunState
+
+
+def classify(exc: BaseException, action: str, run_key: str | None = None) -> WriteError:
+    """The ``WriteError`` an exception raised by ``MlflowClient`` stands for."""
+    if isinstance(exc, WriteError):
+        return exc
+    text = " ".join(str(exc).split())[:300]
+    code = getattr(exc, "error_code", None)
+    reason = f"{action}: {code + ': ' if code else ''}{text or type(exc).__name__}"
+    if (
+        isinstance(exc, MlflowException)
+        and code in _PERMANENT_CODES
+        and "database is locked" not in text.lower()
+    ):
+        return PermanentWriteError(reason, run_key)
+    return TransientWriteError(reason, run_key)
+
+
+def _call(action: str, run_key: str | None, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    try:
+        return fn(*args, **kw)
+    except Exception as exc:
+        raise classify(exc, action, run_key) from exc
+
+
+class MlflowWriter:
+    """Writes the runs of a batch into one MLflow tracking server or store.
+
+    Args:
+        tracking_uri: where MLflow is; MLflow's own default when None.
+        max_cached_runs: runs whose identity and state are kept in memory.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, max_cached_runs: int = 10_000) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._experiments: dict[str, str] = {}
+        self._runs: LRUCache[str, _KnownRun] = LRUCache(maxsize=max_cached_runs)
+
+    def apply(self, runs: Iterable[RunEvents]) -> WriteReport:
+        """Write every run of a batch, in the order given.
+
+        Returns:
+            What was written and which records MLflow refuses for good.
+
+        Raises:
+            TransientWriteError: MLflow failed in a way that may pass; nothing may be committed
+                and the whole batch is to be applied again.
+        """
+        report = WriteReport()
+        for run in runs:
+            try:
+                self._apply_run(run, report)
+            except PermanentWriteError as exc:
+                logger.debug("run %s refused for good: %s", run.run_key, exc.reason)
+                rejected = {r.position for r in report.rejected}
+                report.rejected.extend(
+                    Rejection(s.position, exc.reason)
+                    for s in run.events
+                    if s.position not in rejected
+                )
+            except TransientWriteError:
+                # Partly applied: forget what we believed the run holds, read it again later.
+                self._runs.pop(run.run_key, None)
+                raise
+        return report
+
+    # -- one run ------------------------------------------------------------------------
+
+    def _apply_run(self, run: RunEvents, report: WriteReport) -> None:
+        known = self._resolve(run, report)
+        writes = plan_run(run, known.state)
+        report.rejected.extend(writes.rejected)
+        for batch in writes.batches:
+            self._log_batch(known.run_id, run.run_key, batch, report)
+        for artifact, _position in writes.artifacts:
+            self._log_artifact(known.run_id, run.run_key, artifact.path, artifact.content)
+            report.artifacts += 1
+        if writes.finish is not None:
+            _call(
+                "end run",
+                run.run_key,
+                self.client.set_terminated,
+                known.run_id,
+                writes.finish.status,
+                writes.finish.end_time,
+            )
+        known.state = writes.state
+
+    def _log_batch(self, run_id: str, run_key: str, batch: LogBatch, report: WriteReport) -> None:
+        try:
+            self._send_batch(run_id, run_key, batch)
+        except PermanentWriteError as exc:
+            if len(batch.positions) == 1:
+                report.rejected.append(Rejection(batch.positions[0], exc.reason))
+                return
+            # Find the records MLflow refuses: the others are written on their own.
+            for position in batch.positions:
+                self._log_batch(run_id, run_key, batch.only(position), report)
+            return
+        report.points += len(batch.metrics)
+        report.params += len(batch.params)
+        report.tags += len(batch.tags)
+
+    def _send_batch(self, run_id: str, run_key: str, batch: LogBatch) -> None:
+        _call(
+            "log_batch",
+            run_key,
+            self.client.log_batch,
+            run_id,
+            metrics=[Metric(p.key, p.value, p.timestamp, p.step) for p in batch.metrics],
+            params=[Param(k, v) for k, v in batch.params],
+            tags=[RunTag(k, v) for k, v in batch.tags],
+            synchronous=True,
+        )
+
+    def _log_artifact(self, run_id: str, run_key: str, path: str, content: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="kafka-mlflow-sink-") as tmp:
+            local = Path(tmp, path)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(content)
+            folder = str(Path(path).parent)
+            _call(
+                f"log artifact {path!r}",
+                run_key,
+                self.client.log_artifact,
+                run_id,
+                str(local),
+                None if folder == "." else folder,
+            )
+
+    # -- run identity -------------------------------------------------------------------
+
+    def _resolve(self, run: RunEvents, report: WriteReport) -> _KnownRun:
+        """The MLflow run for ``run``'s key: cached, found by its tag, or created."""
+        known = self._runs.get(run.run_key)
+        if known is None:
+            experiment_id = self._experiment_id(run.experiment_name, run.run_key)
+            known = self._find(experiment_id, run.run_key)
+            if known is not None:
+                report.runs_found += 1
+            else:
+                known = self._create(experiment_id, run)
+                report.runs_created += 1
+            self._runs[run.run_key] = known
+        self._complete_start(known, run)
+        return known
+
+    def _experiment_id(self, name: str, run_key: str) -> str:
+        cached = self._experiments.get(name)
+        if cached is not None:
+            return cached
+        experiment = _call("get experiment", run_key, self.client.get_experiment_by_name, name)
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise PermanentWriteError(f"experiment {name!r} is deleted in MLflow", run_key)
+        if experiment is not None:
+            experiment_id = str(experiment.experiment_id)
+        else:
+            try:
+                experiment_id = self.client.create_experiment(name)
+            except MlflowException as exc:
+                # Another sink instance may have created it a moment ago.
+                found = _call("get experiment", run_key, self.client.get_experiment_by_name, name)
+                if found is None:
+                    raise classify(exc, f"create experiment {name!r}", run_key) from exc
+                experiment_id = str(found.experiment_id)
+            except Exception as exc:
+                raise classify(exc, f"create experiment {name!r}", run_key) from exc
+            logger.info("created MLflow experiment %r (id %s)", name, experiment_id)
+        self._experiments[name] = experiment_id
+        return experiment_id
+
+    def _find(self, experiment_id: str, run_key: str) -> _KnownRun | None:
+        found = _call(
+            "search runs",
+            run_key,
+            self.client.search_runs,
+            [experiment_id],
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+            run_view_type=ViewType.ALL,
+            max_results=2,
+        )
+        if not found:
+            return None
+        if any(r.info.lifecycle_stage == "deleted" for r in found):
+            raise PermanentWriteError(f"run {run_key} is deleted in MLflow", run_key)
+        if len(found) > 1:
+            logger.warning(
+                "run key %s has %d MLflow runs; writing to the oldest", run_key, len(found)
+            )
+        oldest = min(found, key=lambda r: r.info.start_time or 0)
+        return _KnownRun(oldest.info.run_id, self._read_state(oldest, run_key))
+
+    def _read_state(self, mlflow_run: Any, run_key: str) -> RunState:
+        """What an existing MLflow run holds, every metric point included."""
+        run_id = mlflow_run.info.run_id
+        state = RunState(
+            params=dict(mlflow_run.data.params),
+            tags=dict(mlflow_run.data.tags),
+            status=mlflow_run.info.status,
+            end_time=mlflow_run.info.end_time,
+        )
+        for key in mlflow_run.data.metrics:
+            history = _call(
+                "read metric history", run_key, self.client.get_metric_history, run_id, key
+            )
+            state.points.update(
+                point_id(MetricPoint(m.key, m.value, m.step, m.timestamp)) for m in history
+            )
+        return state
+
+    def _create(self, experiment_id: str, run: RunEvents) -> _KnownRun:
+        start = run.start
+        tags = {RUN_KEY_TAG: run.run_key}
+        if start is None:
+            # Its "run started" event is gone (retention) or still to come: say so.
+            tags[START_UNKNOWN_TAG] = "true"
+        else:
+            tags.update(start.tags)
+            if start.parent_run_key:
+                tags[PARENT_RUN_TAG] = self._parent_run_id(experiment_id, run, start.parent_run_key)
+        created = _call(
+            "create run",
+            run.run_key,
+            self.client.create_run,
+            experiment_id,
+            start_time=start.start_time if start else run.first_created_at,
+            tags=tags,
+            run_name=start.run_name if start else None,
+        )
+        state = RunState(tags=dict(created.data.tags), status=created.info.status)
+        logger.debug("created MLflow run %s for run key %s", created.info.run_id, run.run_key)
+        return _KnownRun(created.info.run_id, state)
+
+    def _parent_run_id(self, experiment_id: str, run: RunEvents, parent_key: str) -> str:
+        """The parent's MLflow run id; a placeholder run when its start has not arrived."""
+        placeholder = RunEvents(parent_key, run.experiment_name, [])
+        parent = self._runs.get(parent_key) or self._find(experiment_id, parent_key)
+        if parent is None:
+            parent = self._create_placeholder(experiment_id, placeholder, run)
+        self._runs[parent_key] = parent
+        return parent.run_id
+
+    def _create_placeholder(
+        self, experiment_id: str, parent: RunEvents, child: RunEvents
+    ) -> _KnownRun:
+        tags = {RUN_KEY_TAG: parent.run_key, START_UNKNOWN_TAG: "true"}
+        created = _call(
+            "create parent run",
+            child.run_key,
+            self.client.create_run,
+            experiment_id,
+            start_time=child.first_created_at,
+            tags=tags,
+        )
+        return _KnownRun(
+            created.info.run_id, RunState(tags=dict(created.data.tags), status=created.info.status)
+        )
+
+    def _complete_start(self, known: _KnownRun, run: RunEvents) -> None:
+        """Give a run created before its "run started" arrived the name and marks it lacked."""
+        start = run.start
+        if start is None or START_UNKNOWN_TAG not in known.state.tags:
+            return
+        if start.run_name and known.state.tags.get(RUN_NAME_TAG) != start.run_name:
+            _call(
+                "rename run", run.run_key, self.client.update_run, known.run_id, name=start.run_name
+            )
+            known.state.tags[RUN_NAME_TAG] = start.run_name
+        _call(
+            "clear start mark", run.run_key, self.client.delete_tag, known.run_id, START_UNKNOWN_TAG
+        )
+        del known.state.tags[START_UNKNOWN_TAG]
+
+
+class MlflowUnavailable(SinkError):
+    """MLflow cannot be reached at start-up."""
+
+
+def check_mlflow(writer: MlflowWriter) -> None:
+    """Fail with one line when MLflow does not answer at start-up."""
+    try:
+        writer.client.search_experiments(max_results=1)
+    except Exception as exc:
+        reason = classify(exc, "search experiments").reason
+        raise MlflowUnavailable(
+            f"cannot reach MLflow at {writer.client.tracking_uri}: {reason}"
+        ) from exc
