@@ -79,7 +79,9 @@ class RegistryCodec:
 
     def __init__(self, registry_url: str, registry_config: dict[str, str] | None = None) -> None:
         try:
-            client = SchemaRegistryClient({"url": registry_url, **(registry_config or {})})
+            client = SchemaRegistryClient.new_client(
+                {"url": registry_url, **(registry_config or {})}
+            )
         except Exception as exc:
             raise ConfigError(f"invalid Schema Registry settings: {_describe(exc)}") from exc
         self._serializer = AvroSerializer(

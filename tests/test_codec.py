@@ -1,0 +1,146 @@
+"""Round trips of every event type through both framings, and the errors of bad bytes."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+
+from kafka_mlflow_sink.codec import BareCodec, Codec, RegistryCodec, make_codec
+from kafka_mlflow_sink.errors import ConfigError, DecodeError
+from kafka_mlflow_sink.events import (
+    ArtifactLogged,
+    MetricPoint,
+    MetricsLogged,
+    ParamsLogged,
+    RunEvent,
+    RunFinished,
+    RunStarted,
+    TagsSet,
+)
+
+TOPIC = "events"
+
+PAYLOADS = {
+    "run_started": RunStarted(
+        1_700_000_000_000, "rün ☃", {"team": "vision", "ключ": "значение"}, "parent-1"
+    ),
+    "run_started_minimal": RunStarted(1_700_000_000_000),
+    "run_started_empty_tags": RunStarted(5, None, {}, None),
+    "params": ParamsLogged({"lr": "0.01", "größe": "große Zahl ✓", "empty": ""}),
+    "params_empty": ParamsLogged({}),
+    "metrics": MetricsLogged(
+        (
+            MetricPoint("loss", 0.25, 3, 1_700_000_000_123),
+            MetricPoint("acc/top1", -0.0, -1, 0),
+            MetricPoint("naïve", 1e308, 2**62, 2**53),
+        )
+    ),
+    "metrics_empty": MetricsLogged(()),
+    "tags": TagsSet({"note": "日本語のタグ", "": "empty key survives transport"}),
+    "artifact": ArtifactLogged("plots/confusion.txt", bytes(range(256))),
+    "artifact_empty": ArtifactLogged("empty.bin", b""),
+    "finished": RunFinished("FINISHED", 1_700_000_100_000),
+    "failed": RunFinished("FAILED", 1),
+    "killed": RunFinished("KILLED", 2),
+}
+
+
+@pytest.fixture(params=["bare", "registry"])
+def codec(request: pytest.FixtureRequest) -> Codec:
+    if request.param == "bare":
+        return BareCodec()
+    return RegistryCodec(f"mock://{uuid.uuid4().hex}")
+
+
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_every_event_type_survives_a_round_trip(codec: Codec, name: str) -> None:
+    event = RunEvent("run-1", "expériences ✓", PAYLOADS[name])
+    assert codec.decode(codec.encode(event, TOPIC), TOPIC) == event
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_metric_values_survive_a_round_trip(codec: Codec, value: float) -> None:
+    event = RunEvent("run-1", "exp", MetricsLogged((MetricPoint("m", value, 1, 2),)))
+    decoded = codec.decode(codec.encode(event, TOPIC), TOPIC)
+    assert isinstance(decoded.payload, MetricsLogged)
+    got = decoded.payload.points[0].value
+    assert (math.isnan(got) and math.isnan(value)) or got == value
+
+
+def test_registry_frame_starts_with_magic_byte_and_schema_id() -> None:
+    codec = RegistryCodec(f"mock://{uuid.uuid4().hex}")
+    data = codec.encode(RunEvent("r", "e", PAYLOADS["finished"]), TOPIC)
+    assert data[0] == 0
+    assert int.from_bytes(data[1:5], "big") >= 1
+
+
+def test_bare_bytes_carry_no_frame() -> None:
+    event = RunEvent("r", "e", PAYLOADS["finished"])
+    assert RegistryCodec(f"mock://{uuid.uuid4().hex}").encode(event, TOPIC)[5:] == (
+        BareCodec().encode(event, TOPIC)
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (None, "tombstone"),
+        (b"", "not a bare Avro run event"),
+        (b"\xff\xfe\xfd garbage that is not avro", "not a bare Avro run event"),
+    ],
+)
+def test_bare_codec_names_why_bytes_are_not_an_event(data: bytes | None, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        BareCodec().decode(data, TOPIC)
+
+
+def test_bare_codec_refuses_truncated_and_padded_records() -> None:
+    good = BareCodec().encode(RunEvent("r", "e", PAYLOADS["metrics"]), TOPIC)
+    with pytest.raises(DecodeError):
+        BareCodec().decode(good[:-3], TOPIC)
+    with pytest.raises(DecodeError, match="3 unexpected bytes"):
+        BareCodec().decode(good + b"abc", TOPIC)
+
+
+def test_registry_codec_refuses_bare_records_and_unknown_schema_ids() -> None:
+    codec = RegistryCodec(f"mock://{uuid.uuid4().hex}")
+    bare = BareCodec().encode(RunEvent("r", "e", PAYLOADS["params"]), TOPIC)
+    with pytest.raises(DecodeError):
+        codec.decode(bare, TOPIC)
+    unknown_id = b"\x00" + (424242).to_bytes(4, "big") + bare
+    with pytest.raises(DecodeError, match="not a registry-framed run event"):
+        codec.decode(unknown_id, TOPIC)
+
+
+def test_bare_codec_refuses_registry_frames() -> None:
+    framed = RegistryCodec(f"mock://{uuid.uuid4().hex}").encode(
+        RunEvent("r", "e", PAYLOADS["metrics"]), TOPIC
+    )
+    with pytest.raises(DecodeError):
+        BareCodec().decode(framed, TOPIC)
+
+
+def test_an_event_with_two_payloads_is_refused() -> None:
+    from kafka_mlflow_sink.events import to_record
+
+    record = to_record(RunEvent("r", "e", PAYLOADS["finished"]))
+    record["tags_set"] = {"tags": {"a": "b"}}
+    import io
+
+    import fastavro
+
+    from kafka_mlflow_sink.codec import parsed_schema
+
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, parsed_schema(), record)
+    with pytest.raises(DecodeError, match="several payloads"):
+        BareCodec().decode(out.getvalue(), TOPIC)
+
+
+def test_unknown_framing_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown framing"):
+        make_codec("json")
+    with pytest.raises(ConfigError, match="Schema Registry URL"):
+        make_codec("registry")
