@@ -19,8 +19,6 @@ from importlib import resources
 from typing import Any, Literal, Protocol
 
 import fastavro
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from kafka_mlflow_sink.errors import ConfigError, DecodeError
@@ -78,6 +76,10 @@ class RegistryCodec:
     """The Confluent wire format, with schemas resolved through a Schema Registry."""
 
     def __init__(self, registry_url: str, registry_config: dict[str, str] | None = None) -> None:
+        # Imported here: the registry client pulls in an HTTP stack that bare framing never needs.
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+        from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+
         try:
             client = SchemaRegistryClient.new_client(
                 {"url": registry_url, **(registry_config or {})}

@@ -9,6 +9,7 @@ look secret are never logged or printed.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,7 @@ from typing import Any
 from kafka_mlflow_sink.errors import ConfigError
 
 FRAMINGS = ("bare", "registry")
+LIBRDKAFKA_LOGGER = logging.getLogger("kafka_mlflow_sink.librdkafka")
 _SECRET_KEY = re.compile(r"password|secret|token|credential|key\.pem|private", re.IGNORECASE)
 # Settings the sink owns: overriding them would break commit after write.
 _RESERVED_KAFKA = frozenset({"enable.auto.commit", "enable.auto.offset.store", "group.id"})
@@ -103,6 +105,7 @@ class SinkConfig:
             "partition.assignment.strategy": self.kafka.get(
                 "partition.assignment.strategy", "range"
             ),
+            "logger": LIBRDKAFKA_LOGGER,
         }
 
     def producer_settings(self) -> dict[str, Any]:
@@ -113,6 +116,7 @@ class SinkConfig:
             "bootstrap.servers": self.bootstrap_servers,
             "enable.idempotence": True,
             "acks": "all",
+            "logger": LIBRDKAFKA_LOGGER,
         }
 
     def redacted(self) -> dict[str, Any]:

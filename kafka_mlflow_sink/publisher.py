@@ -22,6 +22,7 @@ and raises ``PublishError`` if any was not delivered.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -95,6 +96,8 @@ class Publisher:
             "acks": "all",
             "linger.ms": 20,
             "compression.type": "lz4",
+            # librdkafka's own log lines go to Python logging, where the application routes them.
+            "logger": logging.getLogger("kafka_mlflow_sink.librdkafka"),
             **(producer_config or {}),
         }
         self._producer = Producer(config)
