@@ -1,0 +1,18 @@
+# The sink daemon. Build: docker build -t kafka-mlflow-sink .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY pyproject.toml README.md /tmp/src/
+COPY kafka_mlflow_sink /tmp/src/kafka_mlflow_sink
+RUN pip install /tmp/src && rm -rf /tmp/src
+
+RUN useradd --create-home --uid 10001 sink
+USER sink
+WORKDIR /home/sink
+
+ENTRYPOINT ["kafka-mlflow-sink"]
+CMD ["run"]

@@ -1,0 +1,101 @@
+"""Fixtures for real Kafka and MLflow services.
+
+Kafka is found in this order: ``KAFKA_BOOTSTRAP_SERVERS`` from the environment, a testcontainers
+broker when a Docker engine answers, then a broker from the local jars (scripts/localstack.py).
+MLflow: ``MLFLOW_TRACKING_URI`` from the environment, else a local ``mlflow server``.
+Services start only when a test asks for them, so ``pytest -m "not integration"`` starts none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from localstack import KafkaBroker, MlflowServer, create_topic
+
+log = logging.getLogger(__name__)
+
+
+def _docker_answers() -> bool:
+    """Tell quickly and quietly whether a Docker engine answers a ping."""
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a failed ping leaves an unclosed socket behind
+        try:
+            import docker
+
+            client = docker.from_env(timeout=3)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:
+            return False
+
+
+def _testcontainers_kafka() -> Iterator[str]:
+    """Run a Kafka container for the session and yield its bootstrap address."""
+    try:
+        from testcontainers.community.kafka import KafkaContainer
+    except ImportError:  # testcontainers < 4.10
+        from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer().with_kraft() as container:
+        yield container.get_bootstrap_server()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of the session's Kafka broker."""
+    if address := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield address
+    elif _docker_answers():
+        yield from _testcontainers_kafka()
+    else:
+        with KafkaBroker(tmp_path_factory.mktemp("kafka")) as broker:
+            yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def mlflow_tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tracking URI of the session's MLflow server."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        yield uri
+    else:
+        with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+            yield server.tracking_uri
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A local MLflow server of this test's own, which the test may stop and start again."""
+    with MlflowServer(tmp_path / "mlflow") as server:
+        yield server
+
+
+@pytest.fixture
+def kafka_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A local Kafka broker of this test's own, which the test may stop and restart."""
+    with KafkaBroker(tmp_path / "kafka") as broker:
+        yield broker
+
+
+@pytest.fixture
+def topic(kafka_bootstrap_servers: str) -> Callable[..., str]:
+    """Factory: ``topic(partitions=1, prefix="test")`` creates a fresh topic, returns its name."""
+
+    def make(partitions: int = 1, prefix: str = "test") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        return create_topic(kafka_bootstrap_servers, name, partitions)
+
+    return make
