@@ -7,6 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 COPY pyproject.toml README.md /tmp/src/
+COPY schemas /tmp/src/schemas
 COPY kafka_mlflow_sink /tmp/src/kafka_mlflow_sink
 RUN pip install /tmp/src && rm -rf /tmp/src
 

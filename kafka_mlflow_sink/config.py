@@ -91,6 +91,7 @@ class SinkConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        values = {"bootstrap_servers": "", "topics": (), **values}
         return cls(**values)
 
     def consumer_settings(self) -> dict[str, Any]:

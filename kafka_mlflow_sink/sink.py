@@ -34,7 +34,9 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
+    stop_after_attempt,
     stop_never,
+    wait_exponential,
     wait_random_exponential,
 )
 
@@ -46,6 +48,27 @@ from kafka_mlflow_sink.plan import Position, SourcedEvent, group_by_run
 from kafka_mlflow_sink.writer import MlflowWriter, WriteReport
 
 logger = logging.getLogger(__name__)
+
+
+def _commit_retriable(exc: BaseException) -> bool:
+    """A commit that failed because the group coordinator is moving or loading."""
+    if not isinstance(exc, KafkaException) or not exc.args:
+        return False
+    err = exc.args[0]
+    return isinstance(err, KafkaError) and (
+        err.retriable()
+        or err.code() in (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    )
+
+
+# A fresh broker answers the first commits with NOT_COORDINATOR while it loads the offsets
+# topic; librdkafka does not retry synchronous commits, so the sink does, briefly.
+COMMIT_RETRY: dict[str, Any] = {
+    "retry": retry_if_exception(_commit_retriable),
+    "wait": wait_exponential(multiplier=0.2, max=2.0),
+    "stop": stop_after_attempt(6),
+    "reraise": True,
+}
 
 
 class BatchAbandoned(Exception):
@@ -234,10 +257,14 @@ class Sink:
             offsets[tp] = max(offsets.get(tp, -1), where.offset + 1)
         commit = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            self._consumer.commit(offsets=commit, asynchronous=False)
+            for attempt in Retrying(**COMMIT_RETRY):
+                with attempt:
+                    self._consumer.commit(offsets=commit, asynchronous=False)
         except KafkaException as exc:
             # The writes stand; whoever owns the partitions next re-reads them, idempotently.
-            logger.warning("commit failed (%s); the records will be delivered again", exc)
+            logger.warning(
+                "commit failed (%s); the records will be delivered again", describe_kafka_error(exc)
+            )
             return
         logger.debug("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in offsets.items()))
 

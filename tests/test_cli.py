@@ -1,0 +1,154 @@
+"""The command line: one readable line and a non-zero exit for every mistake a user can fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from confluent_kafka import KafkaError, KafkaException
+
+from kafka_mlflow_sink.cli import cli
+from kafka_mlflow_sink.sink import _commit_retriable
+
+BIN = Path(sys.executable).parent / "kafka-mlflow-sink"
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        cli, list(args), env={"MLFLOW_TRACKING_URI": None, "KAFKA_BOOTSTRAP_SERVERS": None}
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.output
+
+
+def test_help_lists_the_commands_and_options() -> None:
+    code, out = invoke("--help")
+    assert code == 0 and "run" in out and "lag" in out
+    code, out = invoke("run", "--help")
+    assert code == 0 and "--bootstrap-servers" in out and "--dead-letter-topic" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["run", "--framing", "registry", "-b", "x:1"],
+            "framing 'registry' needs schema_registry_url",
+        ),
+        (["run", "-b", "x:1", "--batch-max-records", "0"], "batch_max_records must be at least 1"),
+        (["run", "-b", "x:1", "--kafka", "novalue"], "must look like KEY=VALUE"),
+        (["run", "-b", "x:1", "--kafka", "enable.auto.commit=true"], "managed by the sink"),
+        (["run", "-b", "x:1", "-t", "a", "--dead-letter-topic", "a"], "must differ"),
+        (["run"], "bootstrap_servers is required"),
+    ],
+)
+def test_bad_settings_end_with_one_line_and_exit_2(args: list[str], message: str) -> None:
+    code, out = invoke(*args)
+    assert code == 2
+    (line,) = out.strip().splitlines()
+    assert line.startswith("kafka-mlflow-sink: error: configuration: ")
+    assert message in line
+
+
+def test_unknown_setting_in_a_config_file_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "sink.toml"
+    config.write_text('bootstrap_servers = "x:1"\nbatch_size = 5\n')
+    code, out = invoke("run", "--config", str(config))
+    assert code == 2 and "unknown setting 'batch_size'" in out
+
+
+def test_config_file_values_lose_to_flags(tmp_path: Path) -> None:
+    config = tmp_path / "sink.toml"
+    config.write_text(
+        'bootstrap_servers = "file:1"\ngroup_id = "from-file"\n'
+        '[kafka]\n"security.protocol" = "SASL_SSL"\n'
+    )
+    code, out = invoke("run", "--config", str(config), "-g", "from-flag", "--print-config")
+    assert code == 0
+    assert "group_id = 'from-flag'" in out and "bootstrap_servers = 'file:1'" in out
+    assert "'security.protocol': 'SASL_SSL'" in out
+
+
+def test_printed_config_never_shows_secrets() -> None:
+    code, out = invoke(
+        "run",
+        "-b",
+        "x:1",
+        "--kafka",
+        "sasl.password=hunter2",
+        "--kafka",
+        "ssl.key.password=pw2",
+        "--tracking-uri",
+        "https://alice:s3cret@mlflow.example.com",
+        "--print-config",
+    )
+    assert code == 0
+    assert "hunter2" not in out and "pw2" not in out and "s3cret" not in out
+    assert "'sasl.password': '***'" in out and "alice:***@mlflow.example.com" in out
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    code, out = invoke("run", "--no-such-option")
+    assert code == 2 and "No such option '--no-such-option'" in out
+
+
+def test_unreachable_broker_is_one_line_and_exit_3() -> None:
+    result = subprocess.run(
+        [str(BIN), "run", "-b", "127.0.0.1:1", "-t", "t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert lines == [lines[0]] and "cannot reach Kafka at 127.0.0.1:1" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_missing_topic_and_unreachable_mlflow_are_one_line_each(
+    kafka_bootstrap_servers: str, topic: Callable[..., str]
+) -> None:
+    missing = subprocess.run(
+        [str(BIN), "run", "-b", kafka_bootstrap_servers, "-t", "no-such-topic"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 3
+    assert "error: topic 'no-such-topic' does not exist" in missing.stderr
+    down = subprocess.run(
+        [
+            str(BIN),
+            "run",
+            "-b",
+            kafka_bootstrap_servers,
+            "-t",
+            topic(),
+            "--tracking-uri",
+            "http://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert down.returncode == 3
+    assert "error: cannot reach MLflow at http://127.0.0.1:1" in down.stderr
+    assert "Traceback" not in down.stderr + missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "retriable"),
+    [
+        (KafkaError.NOT_COORDINATOR, True),
+        (KafkaError.COORDINATOR_LOAD_IN_PROGRESS, True),
+        (KafkaError.ILLEGAL_GENERATION, False),
+        (KafkaError.UNKNOWN_TOPIC_OR_PART, False),
+    ],
+)
+def test_commits_are_retried_only_while_the_coordinator_moves(code: int, retriable: bool) -> None:
+    assert _commit_retriable(KafkaException(KafkaError(code))) is retriable
