@@ -28,6 +28,7 @@ logger = logging.getLogger("kafka_mlflow_sink")
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
 ENV_PREFIX = "KAFKA_MLFLOW_SINK_"
 
 
@@ -73,16 +74,49 @@ def cli() -> None:
     """
 
 
+def _source_options(fn: F) -> F:
+    """Topics and how their records are framed."""
+    options = [
+        click.option(
+            "--topic",
+            "-t",
+            "topics",
+            multiple=True,
+            envvar=ENV_PREFIX + "TOPICS",
+            help="Topic of run events; repeatable. [default: mlflow-events]",
+        ),
+        click.option(
+            "--framing",
+            type=click.Choice(["bare", "registry"]),
+            envvar=ENV_PREFIX + "FRAMING",
+            help="Bare Avro, or the Schema Registry wire format. [default: bare]",
+        ),
+        click.option(
+            "--schema-registry-url",
+            envvar=ENV_PREFIX + "SCHEMA_REGISTRY_URL",
+            help="Schema Registry, for --framing registry.",
+        ),
+        click.option(
+            "--tracking-uri",
+            envvar=["KAFKA_MLFLOW_SINK_TRACKING_URI", "MLFLOW_TRACKING_URI"],
+            help="MLflow tracking URI. [default: MLflow's own, sqlite:///mlflow.db]",
+        ),
+        click.option(
+            "--log-level",
+            default="INFO",
+            envvar=ENV_PREFIX + "LOG_LEVEL",
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+            show_default=True,
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @cli.command()
 @_kafka_options
-@click.option(
-    "--topic",
-    "-t",
-    "topics",
-    multiple=True,
-    envvar=ENV_PREFIX + "TOPICS",
-    help="Topic of run events; repeatable. [default: mlflow-events]",
-)
+@_source_options
 @click.option(
     "--group-id",
     "-g",
@@ -90,25 +124,9 @@ def cli() -> None:
     help="Consumer group. [default: kafka-mlflow-sink]",
 )
 @click.option(
-    "--tracking-uri",
-    envvar=["KAFKA_MLFLOW_SINK_TRACKING_URI", "MLFLOW_TRACKING_URI"],
-    help="MLflow tracking URI. [default: MLflow's own, sqlite:///mlflow.db]",
-)
-@click.option(
     "--dead-letter-topic",
     envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
     help="Topic for records that can never be written. [default: <topic>.dlq]",
-)
-@click.option(
-    "--framing",
-    type=click.Choice(["bare", "registry"]),
-    envvar=ENV_PREFIX + "FRAMING",
-    help="Bare Avro, or the Schema Registry wire format. [default: bare]",
-)
-@click.option(
-    "--schema-registry-url",
-    envvar=ENV_PREFIX + "SCHEMA_REGISTRY_URL",
-    help="Schema Registry, for --framing registry.",
 )
 @click.option(
     "--batch-max-records",
@@ -127,13 +145,6 @@ def cli() -> None:
     type=float,
     envvar=ENV_PREFIX + "STATS_INTERVAL",
     help="Seconds between progress lines. [default: 60]",
-)
-@click.option(
-    "--log-level",
-    default="INFO",
-    envvar=ENV_PREFIX + "LOG_LEVEL",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    show_default=True,
 )
 @click.option("--print-config", is_flag=True, help="Print the effective settings and exit.")
 def run(
@@ -193,11 +204,118 @@ def lag(
             break
         time.sleep(0.5)
     for row in rows:
+        committed = row.committed if row.committed >= 0 else "none"
         click.echo(
-            f"{row.topic}[{row.partition}] committed={row.committed} end={row.end} lag={row.lag}"
+            f"{row.topic}[{row.partition}] committed={committed} end={row.end} lag={row.lag}"
         )
     click.echo(f"total lag {total}")
     sys.exit(0 if total == 0 else 1)
+
+
+@cli.command()
+@_kafka_options
+@_source_options
+@click.option(
+    "--from-timestamp",
+    metavar="TIME",
+    help="Start at this time: ISO 8601 with a zone, or epoch milliseconds.",
+)
+@click.option(
+    "--from-offsets",
+    multiple=True,
+    metavar="TOPIC:PARTITION=OFFSET",
+    help="Start at these offsets (comma-separated or repeated); partitions not named are not read.",
+)
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Keep running past the end offsets, like the daemon but never committing.",
+)
+@click.option(
+    "--dead-letter-topic",
+    help="Send records that can never be written here. [default: only log them]",
+)
+@click.option("--batch-max-records", type=int, help="Most records in one batch. [default: 5000]")
+@click.option(
+    "--retry-limit",
+    type=float,
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Give up when MLflow fails a batch for this long.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar. [default: when stderr is a terminal]",
+)
+def replay(
+    config_file: Path | None,
+    kafka_pairs: tuple[str, ...],
+    log_level: str,
+    from_timestamp: str | None,
+    from_offsets: tuple[str, ...],
+    follow: bool,
+    dead_letter_topic: str | None,
+    retry_limit: float,
+    progress: bool | None,
+    **flags: Any,
+) -> None:
+    """Rebuild MLflow from topics: from the beginning, a time, or given offsets.
+
+    Reads with manual assignment and never commits, so the live sink's consumer group is not
+    disturbed. Stops once every partition reached the end offset it had when the replay
+    started, unless --follow. Replaying again changes nothing: runs are found by run key and
+    what MLflow holds is skipped.
+    """
+    from kafka_mlflow_sink.reader import StartAt, parse_offsets, parse_timestamp
+
+    _setup_logging(log_level)
+    config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
+    if from_timestamp and from_offsets:
+        _fail("configuration: give --from-timestamp or --from-offsets, not both", EXIT_CONFIG)
+    start_at = _guard(
+        lambda: StartAt(
+            timestamp_ms=parse_timestamp(from_timestamp) if from_timestamp else None,
+            offsets=parse_offsets(from_offsets),
+        )
+    )
+    result = _guard(
+        lambda: _run_replay(config, start_at, follow, dead_letter_topic, retry_limit, progress)
+    )
+    click.echo(result.summary(), err=True)
+    sys.exit(EXIT_INTERRUPTED if result.interrupted else 0)
+
+
+@cli.command()
+@_kafka_options
+@_source_options
+def verify(
+    config_file: Path | None, kafka_pairs: tuple[str, ...], log_level: str, **flags: Any
+) -> None:
+    """Compare topics with MLflow: report, per run, what MLflow lacks or holds differently.
+
+    Exits 0 only when MLflow holds everything the topics say.
+    """
+    from kafka_mlflow_sink.codec import make_codec
+    from kafka_mlflow_sink.verify import describe, differences, read_mlflow, read_topic
+    from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
+
+    _setup_logging(log_level)
+    config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
+    codec = _guard(lambda: make_codec(config.framing, config.schema_registry_url))
+    topic = _guard(lambda: read_topic(config.consumer_settings(), config.topics, codec))
+    writer = MlflowWriter(config.tracking_uri)
+    _guard(lambda: check_mlflow(writer))
+    report = differences(topic.runs, read_mlflow(writer.client, topic.runs))
+    for line in describe(topic.runs, report):
+        click.echo(line)
+    if topic.undecodable:
+        click.echo(
+            f"{topic.undecodable} of {topic.records} records could not be decoded "
+            "(not expected in MLflow)"
+        )
+    sys.exit(1 if report else 0)
 
 
 def main() -> None:
@@ -261,11 +379,54 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def _run_sink(config: SinkConfig) -> None:
+def _mlflow_fail_fast() -> None:
     # MLflow's HTTP client retries 429/5xx up to 7 times with long backoff by default; the
     # sink retries whole batches itself, so let each call fail fast instead of stacking.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        logger.info("%s received: finishing the batch in flight, then stopping", name)
+        stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _run_replay(
+    config: SinkConfig,
+    start_at: Any,
+    follow: bool,
+    dead_letter_topic: str | None,
+    retry_limit: float,
+    progress: bool | None,
+) -> Any:
+    _mlflow_fail_fast()
+    from kafka_mlflow_sink.codec import make_codec
+    from kafka_mlflow_sink.replay import Replay
+    from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
+
+    writer = MlflowWriter(config.tracking_uri)
+    check_mlflow(writer)
+    job = Replay(
+        config,
+        make_codec(config.framing, config.schema_registry_url),
+        writer,
+        start_at,
+        follow=follow,
+        dead_letter_topic=dead_letter_topic,
+        progress=progress,
+        retry_limit=retry_limit,
+    )
+    _on_stop_signals(job.stop)
+    return job.run()
+
+
+def _run_sink(config: SinkConfig) -> None:
+    _mlflow_fail_fast()
     from kafka_mlflow_sink.codec import make_codec
     from kafka_mlflow_sink.offsets import check_kafka
     from kafka_mlflow_sink.sink import Sink
@@ -276,13 +437,5 @@ def _run_sink(config: SinkConfig) -> None:
     writer = MlflowWriter(config.tracking_uri)
     check_mlflow(writer)
     sink = Sink(config, make_codec(config.framing, config.schema_registry_url), writer)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info(
-            "%s received: finishing the batch in flight, then stopping", signal.Signals(signum).name
-        )
-        sink.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    _on_stop_signals(sink.stop)
     sink.run()

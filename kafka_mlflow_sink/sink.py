@@ -23,10 +23,11 @@ commits nothing unwritten, and leaves the group (clean shutdown).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -40,14 +41,18 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from kafka_mlflow_sink.batch import BatchApplier, SinkStats, position
 from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.config import SinkConfig
-from kafka_mlflow_sink.deadletter import DeadLetter, DeadLetterWriter
-from kafka_mlflow_sink.errors import DecodeError, SinkError
-from kafka_mlflow_sink.plan import Position, SourcedEvent, group_by_run
-from kafka_mlflow_sink.writer import MlflowWriter, WriteReport
+from kafka_mlflow_sink.deadletter import DeadLetterWriter
+from kafka_mlflow_sink.errors import SinkError
+from kafka_mlflow_sink.writer import MlflowWriter
 
 logger = logging.getLogger(__name__)
+
+# Set to "before-commit" to make the daemon kill itself between writing a batch and
+# committing it: how the tests prove a crash at the worst moment loses and duplicates nothing.
+FAILPOINT_ENV = "KAFKA_MLFLOW_SINK_FAILPOINT"
 
 
 def _commit_retriable(exc: BaseException) -> bool:
@@ -75,35 +80,6 @@ class BatchAbandoned(Exception):
     """The batch in flight is dropped uncommitted: partitions were revoked or a stop came."""
 
 
-@dataclass
-class SinkStats:
-    """Counters since the sink started."""
-
-    records: int = 0
-    batches: int = 0
-    points: int = 0
-    runs_created: int = 0
-    runs_found: int = 0
-    artifacts: int = 0
-    dead_lettered: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def add(self, report: WriteReport) -> None:
-        self.points += report.points
-        self.runs_created += report.runs_created
-        self.runs_found += report.runs_found
-        self.artifacts += report.artifacts
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        return (
-            f"{self.records} records in {self.batches} batches, {self.points} metric points "
-            f"({self.points / elapsed:.0f}/s), {self.runs_created} runs created, "
-            f"{self.runs_found} found, {self.artifacts} artifacts, "
-            f"{self.dead_lettered} dead-lettered"
-        )
-
-
 class Sink:
     """A sink instance: one member of the consumer group, writing into one MLflow.
 
@@ -111,7 +87,6 @@ class Sink:
         config: validated settings.
         codec: decodes record values into run events.
         writer: applies write plans to MLflow.
-        commit: where commits go; commits are synchronous and only follow accepted writes.
     """
 
     def __init__(self, config: SinkConfig, codec: Codec, writer: MlflowWriter) -> None:
@@ -119,14 +94,19 @@ class Sink:
         self.codec = codec
         self.writer = writer
         self.stats = SinkStats()
+        self._applier = BatchApplier(
+            codec,
+            writer,
+            DeadLetterWriter(
+                Producer(config.producer_settings()), config.dead_letter_topic, config.group_id
+            ),
+            self.stats,
+        )
         self._stop = threading.Event()
         self._revoked = False
         self._paused = False
         self._carry: list[Message] = []
         self._consumer = Consumer(config.consumer_settings())
-        self._dead_letters = DeadLetterWriter(
-            Producer(config.producer_settings()), config.dead_letter_topic, config.group_id
-        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -134,13 +114,8 @@ class Sink:
         """Ask the loop to stop; safe from a signal handler or another thread."""
         self._stop.set()
 
-    def run(self, until_idle: Callable[[], bool] | None = None) -> SinkStats:
-        """Consume until ``stop`` is called, then leave the group and close.
-
-        Args:
-            until_idle: called after every empty poll; the loop stops when it returns True.
-                Used by one-shot modes; the daemon passes None.
-        """
+    def run(self) -> SinkStats:
+        """Consume until ``stop`` is called, then leave the group and close."""
         self._consumer.subscribe(
             list(self.config.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -150,8 +125,6 @@ class Sink:
                 records = self._poll()
                 if records:
                     self._handle(records)
-                elif until_idle is not None and until_idle():
-                    break
                 if time.monotonic() - last_report >= self.config.stats_interval:
                     logger.info("progress: %s", self.stats.line())
                     last_report = time.monotonic()
@@ -161,7 +134,7 @@ class Sink:
 
     def _close(self) -> None:
         logger.info("stopping: %s", self.stats.line())
-        self._dead_letters.close()
+        self._applier.close()
         # close() leaves the group at once, so partitions move to other members quickly.
         self._consumer.close()
 
@@ -190,6 +163,9 @@ class Sink:
         except BatchAbandoned as why:
             logger.info("batch of %d records abandoned uncommitted: %s", len(records), why)
             return
+        if os.environ.get(FAILPOINT_ENV) == "before-commit":
+            # Test hook: die as if killed after MLflow accepted the batch, before the commit.
+            os.kill(os.getpid(), signal.SIGKILL)
         self._commit(records)
         self.stats.records += len(records)
         self.stats.batches += 1
@@ -218,41 +194,14 @@ class Sink:
         return int(dead)
 
     def _write_once(self, records: list[Message]) -> int:
-        events, dead = self._decode(records)
-        report = self.writer.apply(group_by_run(events))
-        by_position = {_position(m): m for m in records}
-        for rejection in report.rejected:
-            dead.append(
-                DeadLetter(
-                    by_position[rejection.position],
-                    "write",
-                    rejection.reason,
-                    "PermanentWriteError",
-                )
-            )
-        self._dead_letters.send(dead)
-        self.stats.add(report)
-        return len(dead)
-
-    def _decode(self, records: Sequence[Message]) -> tuple[list[SourcedEvent], list[DeadLetter]]:
-        events: list[SourcedEvent] = []
-        dead: list[DeadLetter] = []
-        for msg in records:
-            try:
-                event = self.codec.decode(msg.value(), _position(msg).topic)
-            except DecodeError as exc:
-                logger.debug("%s cannot be decoded: %s", _position(msg), exc)
-                dead.append(DeadLetter(msg, "decode", str(exc), type(exc).__name__))
-                continue
-            events.append(SourcedEvent(event, _position(msg)))
-        return events, dead
+        return self._applier.apply(records)
 
     def _commit(self, records: Sequence[Message]) -> None:
         """Commit past the batch. Runs only after MLflow accepted every record of it and the
         broker acknowledged every dead letter."""
         offsets: dict[tuple[str, int], int] = {}
         for msg in records:
-            where = _position(msg)
+            where = position(msg)
             tp = (where.topic, where.partition)
             offsets[tp] = max(offsets.get(tp, -1), where.offset + 1)
         commit = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
@@ -334,13 +283,6 @@ class Sink:
         self._paused = False
 
 
-def _position(msg: Message) -> Position:
-    """Where a consumed record sits; consumed records always have all three."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    assert topic is not None and partition is not None and offset is not None
-    return Position(topic, partition, offset)
-
-
 def _names(partitions: Sequence[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "none"
 
@@ -349,6 +291,3 @@ def describe_kafka_error(exc: KafkaException | KafkaError | Any) -> str:
     """One readable line for a Kafka error."""
     err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
     return err.str() if isinstance(err, KafkaError) else str(err)
-
-
-__all__ = ["BatchAbandoned", "Sink", "SinkError", "SinkStats", "describe_kafka_error"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -18,16 +16,9 @@ from mlflow import MlflowClient
 
 from kafka_mlflow_sink.codec import BareCodec
 from kafka_mlflow_sink.config import SinkConfig
-from kafka_mlflow_sink.events import (
-    ArtifactLogged,
-    MetricsLogged,
-    ParamsLogged,
-    RunFinished,
-    RunStarted,
-    TagsSet,
-)
 from kafka_mlflow_sink.offsets import PartitionLag, group_lag
 from kafka_mlflow_sink.plan import RUN_KEY_TAG
+from kafka_mlflow_sink.verify import RunContent, differences, read_mlflow, read_topic
 
 BIN = Path(sys.executable).parent
 
@@ -107,111 +98,28 @@ def consume_all(bootstrap: str, topic: str, timeout: float = 10) -> list[Message
         consumer.close()
 
 
-@dataclass
-class RunView:
-    """What a run holds, in terms the topic and MLflow can both be read into."""
-
-    experiment: str = ""
-    run_name: str | None = None
-    start_time: int | None = None
-    end_time: int | None = None
-    status: str = "RUNNING"
-    parent_key: str | None = None
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    points: set[tuple[str, float | str, int, int]] = field(default_factory=set)
-    artifacts: dict[str, bytes] = field(default_factory=dict)
+def topic_runs(bootstrap: str, topic: str) -> dict[str, RunContent]:
+    """What the topic says every run holds, folded the way the sink writes."""
+    settings = {"bootstrap.servers": bootstrap, "group.id": f"verify-{uuid.uuid4()}"}
+    return read_topic(settings, (topic,), BareCodec()).runs
 
 
-def _point(key: str, value: float, step: int, timestamp: int) -> tuple[str, float | str, int, int]:
-    return (key, "nan" if math.isnan(value) else value, step, timestamp)
+def mlflow_runs(tracking_uri: str, expected: dict[str, RunContent]) -> dict[str, RunContent]:
+    """What MLflow holds for the runs of ``expected``."""
+    return read_mlflow(MlflowClient(tracking_uri), expected)
 
 
-def topic_truth(bootstrap: str, topic: str) -> dict[str, RunView]:
-    """What the topic says every run holds, folded in offset order."""
-    runs: dict[str, RunView] = {}
-    for msg in consume_all(bootstrap, topic):
-        event = BareCodec().decode(msg.value(), topic)
-        view = runs.setdefault(event.run_key, RunView(experiment=event.experiment_name))
-        payload = event.payload
-        if isinstance(payload, RunStarted):
-            view.run_name, view.start_time = payload.run_name, payload.start_time
-            view.parent_key = payload.parent_run_key
-            view.tags.update(payload.tags)
-        elif isinstance(payload, ParamsLogged):
-            for key, value in payload.params.items():
-                view.params.setdefault(key, value)
-        elif isinstance(payload, MetricsLogged):
-            view.points.update(_point(*p) for p in payload.points)
-        elif isinstance(payload, TagsSet):
-            view.tags.update(payload.tags)
-        elif isinstance(payload, ArtifactLogged):
-            view.artifacts[payload.path] = payload.content
-        elif isinstance(payload, RunFinished):
-            view.status, view.end_time = payload.status, payload.end_time
+def comparable(runs: dict[str, RunContent]) -> dict[str, RunContent]:
+    """``runs`` without MLflow's own run ids, so two MLflows can be compared run by run."""
+    for content in runs.values():
+        content.tags.pop("mlflow.parentRunId", None)
     return runs
 
 
-def mlflow_view(tracking_uri: str, run_keys: list[str], tmp: Path) -> dict[str, RunView]:
-    """What MLflow holds for each run key, with every metric point and artifact byte."""
-    client = MlflowClient(tracking_uri)
-    views: dict[str, RunView] = {}
-    id_to_key: dict[str, str] = {}
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    for key in run_keys:
-        found = client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
-        assert len(found) <= 1, f"run key {key} has {len(found)} runs in MLflow"
-        if not found:
-            continue
-        run = found[0]
-        id_to_key[run.info.run_id] = key
-        view = RunView(
-            experiment=client.get_experiment(run.info.experiment_id).name,
-            run_name=run.info.run_name,
-            start_time=run.info.start_time,
-            end_time=run.info.end_time,
-            status=run.info.status,
-            params=dict(run.data.params),
-            tags=dict(run.data.tags),
-        )
-        for metric in run.data.metrics:
-            view.points.update(
-                _point(m.key, m.value, m.step, m.timestamp)
-                for m in client.get_metric_history(run.info.run_id, metric)
-            )
-        target = tmp / run.info.run_id
-        for path in _artifact_files(client, run.info.run_id, None):
-            local = client.download_artifacts(run.info.run_id, path, str(target))
-            view.artifacts[path] = Path(local).read_bytes()
-        views[key] = view
-    for view in views.values():
-        parent_id = view.tags.get("mlflow.parentRunId")
-        view.parent_key = id_to_key.get(parent_id) if parent_id else None
-    return views
-
-
-def _artifact_files(client: MlflowClient, run_id: str, path: str | None) -> list[str]:
-    files: list[str] = []
-    for info in client.list_artifacts(run_id, path):
-        files.extend(_artifact_files(client, run_id, info.path) if info.is_dir else [info.path])
-    return files
-
-
-def assert_mlflow_holds(truth: dict[str, RunView], mlflow: dict[str, RunView]) -> None:
-    """MLflow holds exactly what the topic says, run by run."""
-    assert sorted(mlflow) == sorted(truth), "run keys differ between the topic and MLflow"
-    for key, want in truth.items():
-        got = mlflow[key]
-        assert got.experiment == want.experiment, key
-        assert got.run_name == want.run_name, key
-        assert (got.start_time, got.end_time, got.status) == (
-            want.start_time,
-            want.end_time,
-            want.status,
-        ), key
-        assert got.parent_key == want.parent_key, key
-        assert got.params == want.params, key
-        assert {k: got.tags.get(k) for k in want.tags} == want.tags, key
-        assert got.tags[RUN_KEY_TAG] == key
-        assert got.points == want.points, key
-        assert got.artifacts == want.artifacts, key
+def assert_mlflow_holds(expected: dict[str, RunContent], actual: dict[str, RunContent]) -> None:
+    """MLflow holds exactly what the topic says: nothing missing, no extra point or param."""
+    assert differences(expected, actual) == {}
+    for key, want in expected.items():
+        assert actual[key].params == want.params, key
+        assert actual[key].points == want.points, key
+        assert actual[key].tags[RUN_KEY_TAG] == key

@@ -22,8 +22,8 @@ from tests.support import (
     assert_mlflow_holds,
     consume_all,
     lag,
-    mlflow_view,
-    topic_truth,
+    mlflow_runs,
+    topic_runs,
     wait_for_zero_lag,
     wait_until,
 )
@@ -100,10 +100,11 @@ def test_example_training_runs_land_in_mlflow_exactly_as_published(
     sink = start_sink(*sink_args(kafka_bootstrap_servers, events, "e2e", mlflow_tracking_uri))
     rows = wait_for_zero_lag(kafka_bootstrap_servers, events, "e2e", sink)
 
-    truth = topic_truth(kafka_bootstrap_servers, events)
+    truth = topic_runs(kafka_bootstrap_servers, events)
     assert len(truth) == 3
     assert sum(len(v.points) for v in truth.values()) == 6 * 4 + 2
-    assert_mlflow_holds(truth, mlflow_view(mlflow_tracking_uri, list(truth), tmp_path))
+    assert sum(len(v.artifacts) for v in truth.values()) == 2
+    assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
     assert sum(r.end for r in rows) == len(consume_all(kafka_bootstrap_servers, events))
     assert all(r.committed == r.end for r in rows if r.end > 0)
 
@@ -138,8 +139,8 @@ def test_nothing_is_committed_while_mlflow_is_down(
 
     mlflow_server.start()
     wait_for_zero_lag(kafka_bootstrap_servers, events, "down", sink)
-    truth = topic_truth(kafka_bootstrap_servers, events)
-    assert_mlflow_holds(truth, mlflow_view(mlflow_server.tracking_uri, list(truth), tmp_path))
+    truth = topic_runs(kafka_bootstrap_servers, events)
+    assert_mlflow_holds(truth, mlflow_runs(mlflow_server.tracking_uri, truth))
     assert "partitions resumed" in sink.log()
 
 
@@ -177,5 +178,6 @@ def test_a_corrupt_record_is_dead_lettered_and_its_neighbours_land(
     assert headers[HEADER_PREFIX + "exception.class.name"] == "DecodeError"
     assert "not a bare Avro run event" in headers[HEADER_PREFIX + "exception.message"]
 
-    view = mlflow_view(mlflow_tracking_uri, [key], tmp_path)[key]
+    truth = topic_runs(kafka_bootstrap_servers, events)
+    view = mlflow_runs(mlflow_tracking_uri, truth)[key]
     assert view.run_name == "neighbours" and view.params == {"kept": "yes"}
