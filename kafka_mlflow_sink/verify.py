@@ -35,6 +35,7 @@ from kafka_mlflow_sink.plan import (
     point_id,
 )
 from kafka_mlflow_sink.reader import StartAt, TopicReader
+from kafka_mlflow_sink.writer import run_name
 
 
 @dataclass
@@ -89,7 +90,7 @@ def expected_runs(runs: Iterable[RunEvents]) -> dict[str, RunContent]:
         start = run.start
         content = RunContent(
             experiment=run.experiment_name,
-            run_name=start.run_name if start else None,
+            run_name=run_name(run.run_key, start),
             start_time=start.start_time if start else None,
             end_time=state.end_time,
             status=state.status or "RUNNING",

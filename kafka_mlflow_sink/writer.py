@@ -35,7 +35,7 @@ from kafka_mlflow_sink.errors import (
     TransientWriteError,
     WriteError,
 )
-from kafka_mlflow_sink.events import MetricPoint
+from kafka_mlflow_sink.events import MetricPoint, RunStarted
 from kafka_mlflow_sink.plan import (
     PARENT_RUN_TAG,
     RUN_KEY_TAG,
@@ -310,7 +310,7 @@ class MlflowWriter:
             experiment_id,
             start_time=start.start_time if start else run.first_created_at,
             tags=tags,
-            run_name=start.run_name if start else None,
+            run_name=run_name(run.run_key, start),
         )
         state = RunState(tags=dict(created.data.tags), status=created.info.status)
         logger.debug("created MLflow run %s for run key %s", created.info.run_id, run.run_key)
@@ -336,6 +336,7 @@ class MlflowWriter:
             experiment_id,
             start_time=child.first_created_at,
             tags=tags,
+            run_name=parent.run_key,
         )
         return _KnownRun(
             created.info.run_id, RunState(tags=dict(created.data.tags), status=created.info.status)
@@ -346,15 +347,22 @@ class MlflowWriter:
         start = run.start
         if start is None or START_UNKNOWN_TAG not in known.state.tags:
             return
-        if start.run_name and known.state.tags.get(RUN_NAME_TAG) != start.run_name:
-            _call(
-                "rename run", run.run_key, self.client.update_run, known.run_id, name=start.run_name
-            )
-            known.state.tags[RUN_NAME_TAG] = start.run_name
+        name = run_name(run.run_key, start)
+        if known.state.tags.get(RUN_NAME_TAG) != name:
+            _call("rename run", run.run_key, self.client.update_run, known.run_id, name=name)
+            known.state.tags[RUN_NAME_TAG] = name
         _call(
             "clear start mark", run.run_key, self.client.delete_tag, known.run_id, START_UNKNOWN_TAG
         )
         del known.state.tags[START_UNKNOWN_TAG]
+
+
+def run_name(run_key: str, start: RunStarted | None) -> str:
+    """The MLflow run name: the producer's, else the run key.
+
+    MLflow would pick a random name; the run key keeps a rebuilt history identical.
+    """
+    return start.run_name if start is not None and start.run_name else run_key
 
 
 class MlflowUnavailable(SinkError):

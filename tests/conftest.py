@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from localstack import KafkaBroker, MlflowServer, create_topic
 
+from tests.support import SinkProcess
+
 log = logging.getLogger(__name__)
 
 
@@ -99,3 +101,19 @@ def topic(kafka_bootstrap_servers: str) -> Callable[..., str]:
         return create_topic(kafka_bootstrap_servers, name, partitions)
 
     return make
+
+
+@pytest.fixture
+def start_sink(tmp_path: Path) -> Iterator[Callable[..., SinkProcess]]:
+    """Factory for sink daemons; each still running must stop cleanly (exit 0) on SIGTERM."""
+    sinks: list[SinkProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> SinkProcess:
+        sink = SinkProcess(tmp_path / f"sink-{len(sinks)}.log", *args, env=env)
+        sinks.append(sink)
+        return sink
+
+    yield start
+    for sink in sinks:
+        if sink.process.poll() is None:  # a test may have killed it on purpose
+            assert sink.stop() == 0, sink.log()

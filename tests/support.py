@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 class SinkProcess:
     """``kafka-mlflow-sink run`` as a child process, logging to a file."""
 
-    def __init__(self, log_file: Path, *args: str) -> None:
+    def __init__(self, log_file: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_file = log_file
         self.args = args
         with log_file.open("ab") as out:  # the child keeps its own copy of the descriptor
@@ -34,7 +34,7 @@ class SinkProcess:
                 [str(BIN / "kafka-mlflow-sink"), "run", "--batch-max-wait", "0.2", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+                env={**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", **(env or {})},
             )
 
     def log(self) -> str:
@@ -45,6 +45,32 @@ class SinkProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)
+
+
+def sink_args(bootstrap: str, topic: str, group: str, tracking_uri: str) -> list[str]:
+    return [
+        "-b",
+        bootstrap,
+        "-t",
+        topic,
+        "-g",
+        group,
+        "--tracking-uri",
+        tracking_uri,
+        "--log-level",
+        "DEBUG",
+    ]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``kafka-mlflow-sink ARGS`` to completion."""
+    return subprocess.run(
+        [str(BIN / "kafka-mlflow-sink"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -6,7 +6,7 @@ import math
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from tests.support import (
     consume_all,
     lag,
     mlflow_runs,
+    sink_args,
     topic_runs,
     wait_for_zero_lag,
     wait_until,
@@ -30,36 +31,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def start_sink(tmp_path: Path) -> Iterator[Callable[..., SinkProcess]]:
-    """Factory for sink daemons; each must stop cleanly (exit 0) on SIGTERM at teardown."""
-    sinks: list[SinkProcess] = []
-
-    def start(*args: str) -> SinkProcess:
-        sink = SinkProcess(tmp_path / f"sink-{len(sinks)}.log", *args)
-        sinks.append(sink)
-        return sink
-
-    yield start
-    for sink in sinks:
-        assert sink.stop() == 0, sink.log()
-
-
-def sink_args(bootstrap: str, topic: str, group: str, tracking_uri: str) -> list[str]:
-    return [
-        "-b",
-        bootstrap,
-        "-t",
-        topic,
-        "-g",
-        group,
-        "--tracking-uri",
-        tracking_uri,
-        "--log-level",
-        "DEBUG",
-    ]
 
 
 def test_example_training_runs_land_in_mlflow_exactly_as_published(
