@@ -1,4 +1,6 @@
 # The sink daemon. Build: docker build -t kafka-mlflow-sink .
+# Run:   docker run kafka-mlflow-sink run -b kafka:9092 --tracking-uri http://mlflow:5000
+#        (the entry point is the CLI; `run`, `replay`, `verify`, `lag` are its commands)
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install jars lint test test-unit demo bench clean distclean
+.PHONY: help install jars lint test test-unit demo clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,9 +35,6 @@ test-unit: install ## tests that need no Kafka and no MLflow
 
 demo: install jars ## run examples/demo.py
 	$(BIN)/python examples/demo.py
-
-bench: install jars ## run the benchmark (bench/run.py)
-	$(BIN)/python bench/run.py
 
 clean: ## remove caches and build output (keeps .venv and the Kafka jars)
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

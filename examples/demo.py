@@ -13,6 +13,7 @@ Steps, each printed as it happens:
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from localstack import KafkaBroker, create_topic  # noqa: E402
+from localstack import JARS_MARKER, KAFKA_LIBS, KafkaBroker, create_topic  # noqa: E402
 
 TOPIC = "mlflow-events"
 EXPERIMENT = "digits"
@@ -47,6 +48,28 @@ def start_sink(bootstrap: str, log_file: Path) -> subprocess.Popen[bytes]:
         "5",
     ]
     return subprocess.Popen(command, cwd=REPO, stdout=log_file.open("wb"), stderr=subprocess.STDOUT)
+
+
+def train(bootstrap: str) -> str:
+    """Run the training script; return the run key it published."""
+    script = REPO / "examples" / "train_digits.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "-b", bootstrap, "-t", TOPIC, "--experiment", EXPERIMENT],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    print(done.stdout.strip())
+    match = re.search(r"published run (\w+)", done.stdout)
+    if match is None:
+        raise SystemExit(f"the training script did not say which run it published:\n{done.stdout}")
+    return match.group(1)
+
+
+def summary_of(sink_log: Path) -> str:
+    """The sink's own account of what it wrote, from its last log line."""
+    lines = [line for line in sink_log.read_text().splitlines() if "stopping:" in line]
+    return "sink wrote: " + lines[-1].split("stopping: ", 1)[1] if lines else "sink wrote: ?"
 
 
 def wait_committed(bootstrap: str, timeout: float) -> None:
@@ -75,7 +98,7 @@ def wait_committed(bootstrap: str, timeout: float) -> None:
         )
 
 
-def show_mlflow(tracking_uri: str | None) -> None:
+def show_mlflow(tracking_uri: str | None, run_key: str) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -84,7 +107,8 @@ def show_mlflow(tracking_uri: str | None) -> None:
         raise SystemExit(f"experiment {EXPERIMENT!r} is not in MLflow")
     print(f"tracking URI : {client.tracking_uri}")
     print(f"experiment   : {experiment.name} (id {experiment.experiment_id})")
-    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"]):
+    this_demo = f"tags.`kafka_mlflow_sink.run_key` = '{run_key}'"
+    for run in client.search_runs([experiment.experiment_id], this_demo):
         info, data = run.info, run.data
         took = (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")
         print(
@@ -109,7 +133,11 @@ def main() -> None:
     workdir = REPO / ".cache" / "demo"
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    step("starting a local Kafka broker (first run downloads the jars from Maven Central)")
+    fetched = (KAFKA_LIBS / JARS_MARKER).exists()
+    step(
+        "starting a local Kafka broker"
+        + ("" if fetched else " (first fetching its jars from Maven Central)")
+    )
     with KafkaBroker(workdir / "kafka") as broker:
         bootstrap = broker.bootstrap_servers
         create_topic(bootstrap, TOPIC, partitions=3)
@@ -119,27 +147,16 @@ def main() -> None:
         sink = start_sink(bootstrap, sink_log)
         try:
             step("training a digits classifier; its run is published to Kafka")
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(REPO / "examples" / "train_digits.py"),
-                    "-b",
-                    bootstrap,
-                    "-t",
-                    TOPIC,
-                    "--experiment",
-                    EXPERIMENT,
-                ],
-                check=True,
-            )
+            run_key = train(bootstrap)
             step("waiting until the sink has committed every record")
             wait_committed(bootstrap, timeout=120)
         finally:
             sink.send_signal(signal.SIGTERM)
             code = sink.wait(timeout=60)
             print(f"sink stopped with exit code {code}; its log: {sink_log}")
+            print(summary_of(sink_log))
     step("what landed in MLflow")
-    show_mlflow(tracking_uri)
+    show_mlflow(tracking_uri, run_key)
     print(
         f"\ndemo finished in {time.monotonic() - started:.0f}s; browse it with: "
         f".venv/bin/mlflow ui --backend-store-uri {tracking_uri or 'sqlite:///mlflow.db'}"

@@ -39,10 +39,9 @@ class SinkStats:
         self.artifacts += report.artifacts
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
         return (
-            f"{self.records} records in {self.batches} batches, {self.points} metric points "
-            f"({self.points / elapsed:.0f}/s), {self.runs_created} runs created, "
+            f"{self.records} records in {self.batches} batches, {self.points} metric points, "
+            f"{self.runs_created} runs created, "
             f"{self.runs_found} found, {self.artifacts} artifacts, "
             f"{self.dead_lettered} dead-lettered"
         )

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from kafka_mlflow_sink import __version__
-from kafka_mlflow_sink.config import SinkConfig, parse_pairs
+from kafka_mlflow_sink.config import SinkConfig, parse_pairs, to_toml
 from kafka_mlflow_sink.errors import ConfigError, SinkError
 
 logger = logging.getLogger("kafka_mlflow_sink")
@@ -154,20 +154,37 @@ def run(
     print_config: bool,
     **flags: Any,
 ) -> None:
-    """Consume run events and write them into MLflow until SIGTERM or SIGINT."""
+    """The daemon: write run events into MLflow, commit after each write.
+
+    Runs until SIGTERM or SIGINT, then finishes or abandons the batch in flight, commits
+    what was written, leaves the consumer group and exits 0.
+    """
     _setup_logging(log_level)
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
     if print_config:
-        for key, value in config.redacted().items():
-            click.echo(f"{key} = {value!r}")
+        click.echo(to_toml(config.redacted()))
+        if config.tracking_uri is None:
+            click.echo("# tracking_uri unset: MLflow's default applies (sqlite:///mlflow.db here)")
         return
     _guard(lambda: _run_sink(config))
 
 
 @cli.command()
 @_kafka_options
-@click.option("--topic", "-t", "topics", multiple=True, required=True, help="Topic; repeatable.")
-@click.option("--group-id", "-g", default="kafka-mlflow-sink", show_default=True)
+@click.option(
+    "--topic",
+    "-t",
+    "topics",
+    multiple=True,
+    envvar=ENV_PREFIX + "TOPICS",
+    help="Topic; repeatable. [default: mlflow-events]",
+)
+@click.option(
+    "--group-id",
+    "-g",
+    envvar=ENV_PREFIX + "GROUP_ID",
+    help="Consumer group to inspect. [default: kafka-mlflow-sink]",
+)
 @click.option(
     "--wait",
     type=float,
@@ -175,27 +192,14 @@ def run(
     metavar="SECONDS",
     help="Wait up to SECONDS for the lag to reach 0.",
 )
-def lag(
-    config_file: Path | None,
-    kafka_pairs: tuple[str, ...],
-    bootstrap_servers: str | None,
-    topics: tuple[str, ...],
-    group_id: str,
-    wait: float,
-) -> None:
-    """Show the group's committed offsets against the topics' end offsets.
+def lag(config_file: Path | None, kafka_pairs: tuple[str, ...], wait: float, **flags: Any) -> None:
+    """Show a group's committed offsets against the topics' end offsets.
 
-    Exits 0 when the group has committed everything, 1 otherwise.
+    Exits 0 when the group has committed everything, 1 when it lags.
     """
     from kafka_mlflow_sink.offsets import group_lag
 
-    settings = _guard(
-        lambda: _load_config(
-            config_file,
-            kafka_pairs,
-            {"bootstrap_servers": bootstrap_servers, "topics": topics, "group_id": group_id},
-        )
-    )
+    settings = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
     deadline = time.monotonic() + wait
     while True:
         rows = _guard(lambda: group_lag(settings))
@@ -261,7 +265,7 @@ def replay(
     progress: bool | None,
     **flags: Any,
 ) -> None:
-    """Rebuild MLflow from topics: from the beginning, a time, or given offsets.
+    """Rebuild MLflow from topics, from any point.
 
     Reads with manual assignment and never commits, so the live sink's consumer group is not
     disturbed. Stops once every partition reached the end offset it had when the replay
@@ -293,7 +297,7 @@ def replay(
 def verify(
     config_file: Path | None, kafka_pairs: tuple[str, ...], log_level: str, **flags: Any
 ) -> None:
-    """Compare topics with MLflow: report, per run, what MLflow lacks or holds differently.
+    """Report, per run, what MLflow lacks compared with the topics.
 
     Exits 0 only when MLflow holds everything the topics say.
     """
@@ -316,6 +320,45 @@ def verify(
             "(not expected in MLflow)"
         )
     sys.exit(1 if report else 0)
+
+
+@cli.command("create-topics")
+@_kafka_options
+@click.option(
+    "--topic",
+    "-t",
+    "topics",
+    multiple=True,
+    envvar=ENV_PREFIX + "TOPICS",
+    help="Topic of run events; repeatable. [default: mlflow-events]",
+)
+@click.option(
+    "--dead-letter-topic",
+    envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
+    help="Dead-letter topic. [default: <topic>.dlq]",
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=6,
+    show_default=True,
+    help="Partitions: the most sink instances that can share the work.",
+)
+@click.option("--replication-factor", type=click.IntRange(min=1), default=1, show_default=True)
+def create_topics(
+    config_file: Path | None,
+    kafka_pairs: tuple[str, ...],
+    partitions: int,
+    replication_factor: int,
+    **flags: Any,
+) -> None:
+    """Create the run-events topics and the dead-letter topic (existing ones are kept)."""
+    from kafka_mlflow_sink.offsets import create_topics as create
+
+    config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
+    created = _guard(lambda: create(config, partitions, replication_factor))
+    for topic in [*config.topics, config.dead_letter_topic]:
+        click.echo(f"{topic}: {'created' if topic in created else 'exists'}")
 
 
 def main() -> None:
@@ -352,9 +395,11 @@ def _load_config(
     kafka = {**values.pop("kafka", {}), **parse_pairs(kafka_pairs, "--kafka")}
     given = {k: v for k, v in flags.items() if v not in (None, ())}
     values.update(given)
-    if isinstance(values.get("topics"), str):
-        values["topics"] = values["topics"].split(",")
-    values["topics"] = tuple(t.strip() for t in values.get("topics") or ("mlflow-events",))
+    topics = values.get("topics") or ("mlflow-events",)
+    if isinstance(topics, str):
+        topics = (topics,)
+    # Flags repeat, the environment and TOML may list several topics with commas.
+    values["topics"] = tuple(t.strip() for item in topics for t in item.split(",") if t.strip())
     values["kafka"] = {str(k): str(v) for k, v in kafka.items()}
     return SinkConfig.from_mapping(values)
 
@@ -384,6 +429,9 @@ def _mlflow_fail_fast() -> None:
     # sink retries whole batches itself, so let each call fail fast instead of stacking.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # A daemon's output is its log: no "View run at" lines on stdout, no INFO chatter.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _on_stop_signals(stop: Callable[[], None]) -> None:

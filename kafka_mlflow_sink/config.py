@@ -9,16 +9,16 @@ look secret are never logged or printed.
 
 from __future__ import annotations
 
-import logging
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kafka_mlflow_sink.errors import ConfigError
+from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
 
 FRAMINGS = ("bare", "registry")
-LIBRDKAFKA_LOGGER = logging.getLogger("kafka_mlflow_sink.librdkafka")
 _SECRET_KEY = re.compile(r"password|secret|token|credential|key\.pem|private", re.IGNORECASE)
 # Settings the sink owns: overriding them would break commit after write.
 _RESERVED_KAFKA = frozenset({"enable.auto.commit", "enable.auto.offset.store", "group.id"})
@@ -130,6 +130,34 @@ class SinkConfig:
         if self.schema_registry_url:
             shown["schema_registry_url"] = redact_uri(self.schema_registry_url)
         return shown
+
+
+def to_toml(shown: Mapping[str, Any]) -> str:
+    """Settings as a TOML document that ``--config`` reads back."""
+    lines: list[str] = []
+    tables: dict[str, Mapping[str, Any]] = {}
+    for key, value in shown.items():
+        if isinstance(value, Mapping):
+            tables[key] = value
+        elif value is None:
+            lines.append(f"# {key} is not set")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [
+            f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items()
+        ]
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def redact(settings: Mapping[str, Any]) -> dict[str, Any]:

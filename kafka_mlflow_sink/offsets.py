@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.errors import SinkError
+from kafka_mlflow_sink.kafkalog import QUIET_LOGGER
 
 CHECK_TIMEOUT = 10.0
 
@@ -30,7 +31,7 @@ class PartitionLag:
 
 def _consumer(config: SinkConfig) -> Consumer:
     settings = config.consumer_settings()
-    settings.update({"enable.partition.eof": False, "session.timeout.ms": 10_000})
+    settings.update({"enable.partition.eof": False, "logger": QUIET_LOGGER})
     return Consumer(settings)
 
 
@@ -56,10 +57,14 @@ def group_lag(config: SinkConfig) -> list[PartitionLag]:
     consumer = _consumer(config)
     try:
         metadata = consumer.list_topics(timeout=CHECK_TIMEOUT)
+        missing = [t for t in config.topics if t not in metadata.topics]
+        if missing:
+            raise KafkaUnavailable(
+                f"topic {missing[0]!r} does not exist on {config.bootstrap_servers}"
+            )
         partitions = [
             TopicPartition(topic, p)
             for topic in config.topics
-            if topic in metadata.topics
             for p in sorted(metadata.topics[topic].partitions)
         ]
         committed = consumer.committed(partitions, timeout=CHECK_TIMEOUT)
@@ -75,3 +80,37 @@ def group_lag(config: SinkConfig) -> list[PartitionLag]:
         ) from exc
     finally:
         consumer.close()
+
+
+def create_topics(config: SinkConfig, partitions: int, replication: int) -> list[str]:
+    """Create the run-events topics and the dead-letter topic; existing ones are kept.
+
+    Returns:
+        The topics that were created.
+    """
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    admin = AdminClient(
+        {
+            k: v
+            for k, v in config.consumer_settings().items()
+            if not k.startswith(("group.", "enable.", "auto.", "partition."))
+        }
+    )
+    wanted = [*config.topics, config.dead_letter_topic]
+    futures = admin.create_topics(
+        [NewTopic(t, partitions, replication) for t in wanted], request_timeout=CHECK_TIMEOUT
+    )
+    created = []
+    for topic, future in futures.items():
+        try:
+            future.result(CHECK_TIMEOUT)
+            created.append(topic)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise KafkaUnavailable(
+                f"cannot create topic {topic!r}: {err.str() if err is not None else exc}"
+            ) from exc
+    return created

@@ -22,7 +22,6 @@ and raises ``PublishError`` if any was not delivered.
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -48,6 +47,7 @@ from kafka_mlflow_sink.events import (
     TagsSet,
     now_ms,
 )
+from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
 
 # Inline artifacts travel inside one Kafka record; the broker's default limit is 1 MiB.
 MAX_ARTIFACT_BYTES = 512 * 1024
@@ -97,7 +97,7 @@ class Publisher:
             "linger.ms": 20,
             "compression.type": "lz4",
             # librdkafka's own log lines go to Python logging, where the application routes them.
-            "logger": logging.getLogger("kafka_mlflow_sink.librdkafka"),
+            "logger": LIBRDKAFKA_LOGGER,
             **(producer_config or {}),
         }
         self._producer = Producer(config)
@@ -105,6 +105,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._runs: list[PublishedRun] = []
         self._closed = False
+        self.events_sent = 0
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -296,6 +297,7 @@ class Publisher:
             except BufferError:
                 # The local queue is full: let librdkafka send some before trying again.
                 self._producer.poll(0.5)
+        self.events_sent += 1
         self._producer.poll(0)
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:

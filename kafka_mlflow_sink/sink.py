@@ -105,6 +105,7 @@ class Sink:
         self._stop = threading.Event()
         self._revoked = False
         self._paused = False
+        self._waiting_since = self._last_wait_report = 0.0
         self._carry: list[Message] = []
         self._consumer = Consumer(config.consumer_settings())
 
@@ -119,18 +120,26 @@ class Sink:
         self._consumer.subscribe(
             list(self.config.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
-        last_report = time.monotonic()
+        window = (time.monotonic(), 0)  # start of the progress window, points then
         try:
             while not self._stop.is_set():
                 records = self._poll()
                 if records:
                     self._handle(records)
-                if time.monotonic() - last_report >= self.config.stats_interval:
-                    logger.info("progress: %s", self.stats.line())
-                    last_report = time.monotonic()
+                if time.monotonic() - window[0] >= self.config.stats_interval:
+                    window = self._report_progress(window)
         finally:
             self._close()
         return self.stats
+
+    def _report_progress(self, window: tuple[float, int]) -> tuple[float, int]:
+        """Log progress over the last window, unless nothing happened in it."""
+        started, points = window
+        now = time.monotonic()
+        if self.stats.points != points or self.stats.records == 0:
+            rate = (self.stats.points - points) / max(now - started, 1e-9)
+            logger.info("progress: %s; %.0f points/s lately", self.stats.line(), rate)
+        return now, self.stats.points
 
     def _close(self) -> None:
         logger.info("stopping: %s", self.stats.line())
@@ -189,8 +198,15 @@ class Sink:
         )
         try:
             dead = retrying(self._write_once, records)
-        finally:
-            self._resume_if_paused(retrying)
+        except BatchAbandoned:
+            self._resume_if_paused()
+            raise
+        if self._paused:
+            attempts = retrying.statistics.get("attempt_number", 0)
+            logger.info(
+                "MLflow accepts writes again after %s attempts; partitions resumed", attempts
+            )
+            self._resume_if_paused()
         return int(dead)
 
     def _write_once(self, records: list[Message]) -> int:
@@ -222,12 +238,23 @@ class Sink:
     def _on_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
+        reason = getattr(exc, "reason", exc)
         if state.attempt_number == 1:
             self._pause()
+            self._waiting_since = self._last_wait_report = time.monotonic()
             logger.warning(
                 "MLflow write failed (%s); partitions paused, retrying with backoff, nothing "
                 "committed until it succeeds",
-                getattr(exc, "reason", exc),
+                reason,
+            )
+        elif time.monotonic() - self._last_wait_report >= self.config.stats_interval:
+            # One WARNING per outage; a reminder now and then shows the sink is alive.
+            self._last_wait_report = time.monotonic()
+            logger.info(
+                "still waiting for MLflow after %d attempts and %.0fs: %s",
+                state.attempt_number,
+                time.monotonic() - self._waiting_since,
+                reason,
             )
         else:
             logger.debug(
@@ -259,15 +286,13 @@ class Sink:
             self._consumer.pause(assignment)
         self._paused = True
 
-    def _resume_if_paused(self, retrying: Retrying) -> None:
+    def _resume_if_paused(self) -> None:
         if not self._paused:
             return
         self._paused = False
         assignment = self._consumer.assignment()
         if assignment:
             self._consumer.resume(assignment)
-        attempts = retrying.statistics.get("attempt_number", 0)
-        logger.info("MLflow accepts writes again after %s attempts; partitions resumed", attempts)
 
     # -- rebalances ---------------------------------------------------------------------
 

@@ -69,8 +69,26 @@ def test_config_file_values_lose_to_flags(tmp_path: Path) -> None:
     )
     code, out = invoke("run", "--config", str(config), "-g", "from-flag", "--print-config")
     assert code == 0
-    assert "group_id = 'from-flag'" in out and "bootstrap_servers = 'file:1'" in out
-    assert "'security.protocol': 'SASL_SSL'" in out
+    assert 'group_id = "from-flag"' in out and 'bootstrap_servers = "file:1"' in out
+    assert '"security.protocol" = "SASL_SSL"' in out
+
+
+def test_printed_config_reads_back_as_a_config_file(tmp_path: Path) -> None:
+    code, first = invoke(
+        "run", "-b", "x:1", "-t", "a", "-t", "b", "--kafka", "linger.ms=5", "--print-config"
+    )
+    assert code == 0
+    (tmp_path / "printed.toml").write_text(first)
+    code, second = invoke("run", "--config", str(tmp_path / "printed.toml"), "--print-config")
+    assert code == 0 and second == first
+
+
+def test_topics_from_the_environment_may_be_comma_separated() -> None:
+    result = CliRunner().invoke(
+        cli, ["run", "-b", "x:1", "--print-config"], env={"KAFKA_MLFLOW_SINK_TOPICS": "a, b"}
+    )
+    assert 'topics = ["a", "b"]' in result.output
+    assert 'dead_letter_topic = "a.dlq"' in result.output
 
 
 def test_printed_config_never_shows_secrets() -> None:
@@ -88,7 +106,7 @@ def test_printed_config_never_shows_secrets() -> None:
     )
     assert code == 0
     assert "hunter2" not in out and "pw2" not in out and "s3cret" not in out
-    assert "'sasl.password': '***'" in out and "alice:***@mlflow.example.com" in out
+    assert '"sasl.password" = "***"' in out and "alice:***@mlflow.example.com" in out
 
 
 def test_unknown_option_is_a_usage_error() -> None:
@@ -121,6 +139,13 @@ def test_missing_topic_and_unreachable_mlflow_are_one_line_each(
     )
     assert missing.returncode == 3
     assert "error: topic 'no-such-topic' does not exist" in missing.stderr
+    lag = subprocess.run(
+        [str(BIN), "lag", "-b", kafka_bootstrap_servers, "-t", "no-such-topic"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert lag.returncode == 3 and "topic 'no-such-topic' does not exist" in lag.stderr
     down = subprocess.run(
         [
             str(BIN),

@@ -1,0 +1,48 @@
+"""librdkafka's log lines, routed through Python logging without flooding it.
+
+librdkafka logs every failed connection attempt, several a second while a broker is away.
+The filter here lets one line of each kind through per minute and demotes the lines of
+things librdkafka retries by itself to INFO. It adds no handler: where the lines go is the
+application's choice (the Publisher is a library and configures no logging).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+REPEAT_WINDOW = 60.0
+_NUMBERS = re.compile(r"\d+")
+
+
+class RepeatFilter(logging.Filter):
+    """Drops a line seen in the last ``window`` seconds; demotes self-retried trouble."""
+
+    def __init__(self, window: float = REPEAT_WINDOW) -> None:
+        super().__init__()
+        self._window = window
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        shape = _NUMBERS.sub("#", text)
+        now = time.monotonic()
+        if now - self._seen.get(shape, -self._window) < self._window:
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[shape] = now
+        if record.levelno > logging.INFO and "retrying" in text:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+LIBRDKAFKA_LOGGER = logging.getLogger("kafka_mlflow_sink.librdkafka")
+LIBRDKAFKA_LOGGER.addFilter(RepeatFilter())
+
+# For short-lived clients whose failure the caller reports itself in one line (start-up
+# checks, `lag`): their librdkafka lines would only repeat it.
+QUIET_LOGGER = logging.getLogger("kafka_mlflow_sink.librdkafka.checks")
+QUIET_LOGGER.addHandler(logging.NullHandler())
+QUIET_LOGGER.propagate = False
