@@ -288,7 +288,8 @@ def replay(
         lambda: _run_replay(config, start_at, follow, dead_letter_topic, retry_limit, progress)
     )
     click.echo(result.summary(), err=True)
-    sys.exit(EXIT_INTERRUPTED if result.interrupted else 0)
+    # With --follow a stop is how the replay ends; without, it left records unread.
+    sys.exit(EXIT_INTERRUPTED if result.interrupted and not follow else 0)
 
 
 @cli.command()

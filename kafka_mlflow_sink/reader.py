@@ -138,14 +138,13 @@ class TopicReader:
         return not self.follow and all(r.done for r in self.ranges)
 
     def batches(self, max_records: int, max_wait: float) -> Iterator[list[Message]]:
-        """Batches of records in offset order per partition, until every range is done."""
+        """Batches in offset order per partition, until every range is done.
+
+        A batch may be empty when nothing arrived within ``max_wait``, so that a caller
+        following the topic gets the chance to stop.
+        """
         while not self.done:
-            batch: list[Message] = []
-            for msg in self._consumer.consume(max_records, max_wait):
-                if self._keep(msg):
-                    batch.append(msg)
-            if batch:
-                yield batch
+            yield [m for m in self._consumer.consume(max_records, max_wait) if self._keep(m)]
 
     def close(self) -> None:
         self._consumer.close()

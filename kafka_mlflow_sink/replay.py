@@ -54,7 +54,7 @@ class ReplayResult:
 
     def summary(self) -> str:
         s = self.stats
-        state = "interrupted" if self.interrupted else "complete"
+        state = "stopped" if self.interrupted else "complete"
         return (
             f"replay {state}: {s.records} records, {s.runs_created} runs created, "
             f"{s.runs_found} found, {s.points} metric points written, {s.artifacts} artifacts, "
@@ -127,6 +127,10 @@ class Replay:
         progress = _Progress(total, self._progress, self.config.stats_interval)
         try:
             for batch in reader.batches(self.config.batch_max_records, self.config.batch_max_wait):
+                if self._stop.is_set():
+                    break
+                if not batch:
+                    continue
                 self._apply(batch)
                 self.stats.records += len(batch)
                 self.stats.batches += 1

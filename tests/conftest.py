@@ -2,7 +2,8 @@
 
 Kafka is found in this order: ``KAFKA_BOOTSTRAP_SERVERS`` from the environment, a testcontainers
 broker when a Docker engine answers, then a broker from the local jars (scripts/localstack.py).
-MLflow: ``MLFLOW_TRACKING_URI`` from the environment, else a local ``mlflow server``.
+MLflow likewise: ``MLFLOW_TRACKING_URI``, then MLflow's image through testcontainers, then a
+local ``mlflow server``. Tests that stop and restart a service always use local ones.
 Services start only when a test asks for them, so ``pytest -m "not integration"`` starts none.
 """
 
@@ -68,11 +69,26 @@ def kafka_bootstrap_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterato
             yield broker.bootstrap_servers
 
 
+def _testcontainers_mlflow() -> Iterator[str]:
+    """Run MLflow's own image for the session, the same version as the client, and yield it."""
+    import mlflow
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    image = f"ghcr.io/mlflow/mlflow:v{mlflow.__version__}"
+    command = "mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db"
+    with DockerContainer(image).with_command(command).with_exposed_ports(5000) as container:
+        wait_for_logs(container, "Uvicorn running|Listening at", timeout=120)
+        yield f"http://{container.get_container_host_ip()}:{container.get_exposed_port(5000)}"
+
+
 @pytest.fixture(scope="session")
 def mlflow_tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Tracking URI of the session's MLflow server."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         yield uri
+    elif _docker_answers():
+        yield from _testcontainers_mlflow()
     else:
         with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
             yield server.tracking_uri

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from kafka_mlflow_sink.events import MetricPoint, MetricsLogged, RunEvent, RunFi
 from kafka_mlflow_sink.plan import START_UNKNOWN_TAG
 from kafka_mlflow_sink.sink import FAILPOINT_ENV
 from tests.support import (
+    BIN,
     SinkProcess,
     assert_mlflow_holds,
     cli,
@@ -272,3 +275,46 @@ def test_replay_from_offsets_reads_only_the_named_partitions(
         f"{events}:9=0",
     )
     assert bad.returncode == 2 and f"{events}[9], which does not exist" in bad.stderr
+
+
+def test_replay_with_follow_keeps_writing_until_stopped(
+    kafka_bootstrap_servers: str,
+    topic: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    events, store = topic(), f"sqlite:///{tmp_path / 'follow.db'}"
+    log = tmp_path / "follow.log"
+    command = [
+        "replay",
+        "-b",
+        kafka_bootstrap_servers,
+        "-t",
+        events,
+        "--tracking-uri",
+        store,
+        "--follow",
+        "--no-progress",
+    ]
+    with log.open("w") as out:
+        follower = subprocess.Popen([str(BIN / "kafka-mlflow-sink"), *command], stderr=out)
+    # By then it has created the store: two processes creating one SQLite store would race.
+    wait_until(lambda: "then following" in log.read_text(), 60, "the replay to start")
+    with (
+        Publisher(kafka_bootstrap_servers, events, experiment_name="follow") as pub,
+        pub.start_run(run_name="late"),
+    ):
+        pub.log_metric("m", 1.0)
+
+    def finished() -> bool:
+        client = MlflowClient(store)
+        exp = client.get_experiment_by_name("follow")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return bool(runs) and runs[0].info.status == "FINISHED"
+
+    try:
+        wait_until(finished, 90, "the following replay to write a run published after it started")
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        follower.wait(timeout=60)
+    assert follower.returncode == 0, log.read_text()
+    assert "replay stopped: 3 records, 1 runs created" in log.read_text()
