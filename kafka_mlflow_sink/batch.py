@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import Message
@@ -69,7 +69,7 @@ class BatchApplier:
         self.dead_letters = dead_letters
         self.stats = stats
 
-    def apply(self, records: Sequence[Message]) -> int:
+    def apply(self, records: Sequence[Message], between: Callable[[], None] | None = None) -> int:
         """One attempt at the whole batch; safe to repeat after any failure.
 
         Returns:
@@ -80,7 +80,7 @@ class BatchApplier:
                 committed yet.
         """
         events, dead = self._decode(records)
-        report = self.writer.apply(group_by_run(events))
+        report = self.writer.apply(group_by_run(events), between)
         by_position = {position(m): m for m in records}
         for rejection in report.rejected:
             dead.append(

@@ -18,9 +18,10 @@ from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
 import click
+from confluent_kafka import KafkaError, KafkaException
 
 from kafka_mlflow_sink import __version__
-from kafka_mlflow_sink.config import SinkConfig, parse_pairs, to_toml
+from kafka_mlflow_sink.config import SinkConfig, parse_pairs, redact_uri, to_toml
 from kafka_mlflow_sink.errors import ConfigError, SinkError
 
 logger = logging.getLogger("kafka_mlflow_sink")
@@ -29,6 +30,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_UNEXPECTED = 1
 ENV_PREFIX = "KAFKA_MLFLOW_SINK_"
 
 
@@ -310,9 +312,9 @@ def verify(
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
     codec = _guard(lambda: make_codec(config.framing, config.schema_registry_url))
     topic = _guard(lambda: read_topic(config.consumer_settings(), config.topics, codec))
-    writer = MlflowWriter(config.tracking_uri)
+    writer = _guard(lambda: MlflowWriter(config.tracking_uri))
     _guard(lambda: check_mlflow(writer))
-    report = differences(topic.runs, read_mlflow(writer.client, topic.runs))
+    report = _guard(lambda: differences(topic.runs, read_mlflow(writer.client, topic.runs)))
     for line in describe(topic.runs, report):
         click.echo(line)
     if topic.undecodable:
@@ -373,13 +375,30 @@ T = TypeVar("T")
 
 
 def _guard(action: Callable[[], T]) -> T:
-    """Run ``action``; turn the errors a user can fix into one line and an exit code."""
+    """Run ``action``; turn every error into one line and an exit code.
+
+    The stack trace of an unexpected error goes to the log at DEBUG, not to the user.
+    """
     try:
         return action()
     except ConfigError as exc:
         _fail(f"configuration: {exc}", EXIT_CONFIG)
     except SinkError as exc:
-        _fail(str(exc), EXIT_UNAVAILABLE)
+        _fail(redact_uri(str(exc)), EXIT_UNAVAILABLE)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
+        if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
+            _fail(f"configuration: Kafka setting refused: {text}", EXIT_CONFIG)
+        _fail(f"Kafka: {text}", EXIT_UNAVAILABLE)
+    except Exception as exc:
+        logger.debug("unexpected error", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(
+            f"unexpected {type(exc).__name__}: {redact_uri(first)[:300]} "
+            "(--log-level debug shows where)",
+            EXIT_UNEXPECTED,
+        )
 
 
 def _fail(message: str, code: int) -> NoReturn:

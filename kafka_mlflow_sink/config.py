@@ -10,6 +10,7 @@ look secret are never logged or printed.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -19,7 +20,9 @@ from kafka_mlflow_sink.errors import ConfigError
 from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
 
 FRAMINGS = ("bare", "registry")
-_SECRET_KEY = re.compile(r"password|secret|token|credential|key\.pem|private", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"password|secret|token|credential|key\.pem|private|oauthbearer\.config|jaas", re.IGNORECASE
+)
 # Settings the sink owns: overriding them would break commit after write.
 _RESERVED_KAFKA = frozenset({"enable.auto.commit", "enable.auto.offset.store", "group.id"})
 
@@ -72,8 +75,9 @@ class SinkConfig:
         if self.batch_max_records < 1:
             raise ConfigError("batch_max_records must be at least 1")
         for name in ("batch_max_wait", "retry_initial_wait", "retry_max_wait", "stats_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {value}")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("auto_offset_reset must be 'earliest' or 'latest'")
         reserved = sorted(_RESERVED_KAFKA & set(self.kafka))
@@ -113,6 +117,9 @@ class SinkConfig:
         """librdkafka settings of the dead-letter producer."""
         shared = {k: v for k, v in self.kafka.items() if not k.startswith(("fetch.", "session."))}
         return {
+            # A dead letter carries a record the broker accepted plus headers: let the broker,
+            # not the client's 1 MB default, decide whether it fits.
+            "message.max.bytes": 16 * 1024 * 1024,
             **shared,
             "bootstrap.servers": self.bootstrap_servers,
             "enable.idempotence": True,

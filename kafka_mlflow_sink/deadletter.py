@@ -14,6 +14,7 @@ header                                             value
 ``__connect.errors.exception.class.name``          the error class, e.g. ``DecodeError``
 ``__connect.errors.exception.message``             one line saying why
 ``__connect.errors.timestamp``                     when it was dead-lettered, epoch ms
+``__connect.errors.value.dropped``                 only when the value was too large to keep
 =================================================  ===========================================
 """
 
@@ -21,10 +22,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from kafka_mlflow_sink.errors import SinkError
 from kafka_mlflow_sink.events import now_ms
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 HEADER_PREFIX = "__connect.errors."
 FLUSH_TIMEOUT = 30.0
+_SIZE_ERRORS = (KafkaError.MSG_SIZE_TOO_LARGE,)
 
 
 class DeadLetterError(SinkError):
@@ -62,11 +64,13 @@ class DeadLetterWriter:
         self._producer = producer
         self.topic = topic
         self._connector = connector_name
-        self._failures: list[str] = []
         self._lock = threading.Lock()
 
     def send(self, letters: Sequence[DeadLetter]) -> None:
         """Produce ``letters`` and flush.
+
+        A letter too large for the dead-letter topic goes again without its value, with a
+        header saying so: the origin headers still lead to the record in its own topic.
 
         Raises:
             DeadLetterError: a letter was not acknowledged; the caller must not commit.
@@ -83,20 +87,68 @@ class DeadLetterWriter:
                 self.topic,
                 letter.reason,
             )
-            self._producer.produce(
+        too_large = self._produce_all(letters, keep_value=True)
+        if too_large:
+            logger.warning(
+                "%d dead letter(s) too large for %s; sent without their value",
+                len(too_large),
                 self.topic,
-                key=record.key(),
-                value=record.value(),
-                headers=[*(record.headers() or []), *self._headers(letter)],
-                on_delivery=self._delivered,
             )
+            if self._produce_all(too_large, keep_value=False):
+                raise DeadLetterError(
+                    f"dead-letter topic {self.topic}: letters too large even without their value"
+                )
+
+    def _produce_all(self, letters: Sequence[DeadLetter], keep_value: bool) -> list[DeadLetter]:
+        """Produce and flush; return the letters refused for their size, raise on others."""
+        failures: list[tuple[DeadLetter, KafkaError]] = []
+
+        def delivered(letter: DeadLetter) -> Callable[[KafkaError | None, Message], None]:
+            def report(err: KafkaError | None, msg: Message) -> None:
+                if err is not None:
+                    with self._lock:
+                        failures.append((letter, err))
+
+            return report
+
+        for letter in letters:
+            record = letter.record
+            headers = [*(record.headers() or []), *self._headers(letter)]
+            value = record.value()
+            if not keep_value:
+                size = str(len(value or b""))
+                headers.append((HEADER_PREFIX + "value.dropped", f"{size} bytes".encode()))
+                value = None
+            try:
+                self._producer.produce(
+                    self.topic,
+                    key=record.key(),
+                    value=value,
+                    headers=headers,
+                    on_delivery=delivered(letter),
+                )
+            except KafkaException as exc:
+                failures.append((letter, exc.args[0]))
+            except BufferError:
+                self._producer.flush(FLUSH_TIMEOUT)
+                self._producer.produce(
+                    self.topic,
+                    key=record.key(),
+                    value=value,
+                    headers=headers,
+                    on_delivery=delivered(letter),
+                )
         left = self._producer.flush(FLUSH_TIMEOUT)
-        with self._lock:
-            failures, self._failures = self._failures, []
         if left:
-            failures.append(f"{left} dead letter(s) unacknowledged after {FLUSH_TIMEOUT:.0f}s")
-        if failures:
-            raise DeadLetterError(f"dead-letter topic {self.topic}: {failures[0]}")
+            raise DeadLetterError(
+                f"dead-letter topic {self.topic}: {left} letter(s) "
+                f"unacknowledged after {FLUSH_TIMEOUT:.0f}s"
+            )
+        too_large = [letter for letter, err in failures if err.code() in _SIZE_ERRORS]
+        others = [err for _letter, err in failures if err.code() not in _SIZE_ERRORS]
+        if others:
+            raise DeadLetterError(f"dead-letter topic {self.topic}: {others[0].str()}")
+        return too_large
 
     def close(self) -> None:
         self._producer.flush(FLUSH_TIMEOUT)
@@ -114,8 +166,3 @@ class DeadLetterWriter:
             "timestamp": str(now_ms()),
         }
         return [(HEADER_PREFIX + name, value.encode()) for name, value in values.items()]
-
-    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            with self._lock:
-                self._failures.append(err.str())

@@ -6,6 +6,7 @@
     ├── ConfigError              bad configuration; the CLI prints one line and exits 2
     ├── PublishError             the Publisher could not deliver events to Kafka
     ├── DecodeError              a record's bytes are not a valid run event (permanent)
+    ├── Abandoned                the batch in flight is dropped uncommitted (stop, rebalance)
     └── WriteError               MLflow refused or failed a write
         ├── TransientWriteError  worth retrying: MLflow down, slow, throttling, locked
         └── PermanentWriteError  retrying cannot help: the record goes to the dead-letter topic
@@ -50,10 +51,22 @@ class WriteError(SinkError):
 
 
 class TransientWriteError(WriteError):
-    """MLflow failed in a way that can pass: unreachable, 429/5xx, a locked database."""
+    """MLflow failed in a way that can pass: unreachable, 429/5xx, a locked database.
+
+    ``ambiguous`` is True when MLflow answered with an error of its own (a 500) rather than
+    being away or busy: the sink retries those too, but only for a while.
+    """
 
     retriable = True
+    ambiguous = False
 
 
 class PermanentWriteError(WriteError):
     """MLflow rejected a write for good: a conflicting param, an invalid key, a deleted run."""
+
+
+class Abandoned(SinkError):
+    """The batch in flight is dropped uncommitted: a stop came, or partitions were revoked.
+
+    Nothing of it is committed; whoever reads those partitions next writes it again.
+    """

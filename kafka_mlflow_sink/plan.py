@@ -45,7 +45,9 @@ MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 # MLflow refuses requests over 1 MB; leave room for JSON quoting and the request envelope.
 MAX_BATCH_BYTES = 800_000
-_METRIC_BYTES = 120  # generous JSON size of one metric point without its key
+_METRIC_BYTES = 120
+# Artifacts become files on the way; most file systems allow 255 bytes per name.
+MAX_PATH_PART_BYTES = 255  # generous JSON size of one metric point without its key
 
 # Tags the sink itself keeps on every run it writes.
 RUN_KEY_TAG = "kafka_mlflow_sink.run_key"
@@ -88,10 +90,14 @@ class RunEvents:
 
     @property
     def start(self) -> RunStarted | None:
-        """The first "run started" event, if the batch has one."""
+        """The first "run started" event MLflow would accept, if the batch has one.
+
+        A refused one is dead-lettered, so nothing of it (name, time, tags) may be written.
+        """
         for sourced in self.events:
-            if isinstance(sourced.event.payload, RunStarted):
-                return sourced.event.payload
+            payload = sourced.event.payload
+            if isinstance(payload, RunStarted) and _check(payload, RunState()) is None:
+                return payload
         return None
 
     @property
@@ -181,6 +187,7 @@ class RunWrites:
     batches: list[LogBatch] = field(default_factory=list)
     artifacts: list[tuple[ArtifactLogged, Position]] = field(default_factory=list)
     finish: RunFinished | None = None
+    finish_position: Position | None = None
     rejected: list[Rejection] = field(default_factory=list)
     state: RunState = field(default_factory=RunState)
 
@@ -267,7 +274,7 @@ def _fold(payload: object, position: Position, writes: RunWrites, packer: _Batch
         payload.status,
         payload.end_time,
     ):
-        writes.finish = payload
+        writes.finish, writes.finish_position = payload, position
         state.status, state.end_time = payload.status, payload.end_time
 
 
@@ -340,6 +347,10 @@ def _check_artifact_path(path: str) -> str | None:
     parts = path.split("/")
     if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
         return f"artifact path {path!r} must be relative, without '.', '..' or empty parts"
+    if any(len(p.encode()) > MAX_PATH_PART_BYTES for p in parts):
+        return f"artifact path {_preview(path)} has a part over {MAX_PATH_PART_BYTES} bytes"
+    if "\x00" in path:
+        return f"artifact path {_preview(path)} contains a NUL character"
     return None
 
 

@@ -45,7 +45,7 @@ from kafka_mlflow_sink.batch import BatchApplier, SinkStats, position
 from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.deadletter import DeadLetterWriter
-from kafka_mlflow_sink.errors import SinkError
+from kafka_mlflow_sink.errors import Abandoned, SinkError, TransientWriteError
 from kafka_mlflow_sink.writer import MlflowWriter
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,12 @@ logger = logging.getLogger(__name__)
 # Set to "before-commit" to make the daemon kill itself between writing a batch and
 # committing it: how the tests prove a crash at the worst moment loses and duplicates nothing.
 FAILPOINT_ENV = "KAFKA_MLFLOW_SINK_FAILPOINT"
+# While a batch is written, poll Kafka at least this often (seconds): it keeps the member in
+# its group however long MLflow takes, and lets a stop or a rebalance end the batch early.
+KEEPALIVE_INTERVAL = 2.0
+# After this many attempts fail with the same kind of MLflow-side error (a 500) while MLflow
+# answers other requests, the records it keeps failing on are treated as refused.
+ESCALATE_AFTER_ATTEMPTS = 6
 
 
 def _commit_retriable(exc: BaseException) -> bool:
@@ -74,10 +80,6 @@ COMMIT_RETRY: dict[str, Any] = {
     "stop": stop_after_attempt(6),
     "reraise": True,
 }
-
-
-class BatchAbandoned(Exception):
-    """The batch in flight is dropped uncommitted: partitions were revoked or a stop came."""
 
 
 class Sink:
@@ -105,6 +107,7 @@ class Sink:
         self._stop = threading.Event()
         self._revoked = False
         self._paused = False
+        self._last_poll = time.monotonic()
         self._waiting_since = self._last_wait_report = 0.0
         self._carry: list[Message] = []
         self._consumer = Consumer(config.consumer_settings())
@@ -169,8 +172,9 @@ class Sink:
         self._revoked = False
         try:
             dead = self._write_with_retries(records)
-        except BatchAbandoned as why:
+        except Abandoned as why:
             logger.info("batch of %d records abandoned uncommitted: %s", len(records), why)
+            self._rewind(records)
             return
         if os.environ.get(FAILPOINT_ENV) == "before-commit":
             # Test hook: die as if killed after MLflow accepted the batch, before the commit.
@@ -198,9 +202,11 @@ class Sink:
         )
         try:
             dead = retrying(self._write_once, records)
-        except BatchAbandoned:
+        except Abandoned:
             self._resume_if_paused()
             raise
+        finally:
+            self.writer.escalate_ambiguous = False
         if self._paused:
             attempts = retrying.statistics.get("attempt_number", 0)
             logger.info(
@@ -210,7 +216,50 @@ class Sink:
         return int(dead)
 
     def _write_once(self, records: list[Message]) -> int:
-        return self._applier.apply(records)
+        return self._applier.apply(records, between=self._keepalive)
+
+    def _keepalive(self) -> None:
+        """Between MLflow calls: poll now and then; end the batch on a stop or a rebalance."""
+        if time.monotonic() - self._last_poll >= KEEPALIVE_INTERVAL:
+            self._last_poll = time.monotonic()
+            msg = self._consumer.poll(0)
+            if msg is not None and self._usable(msg):
+                self._carry.append(msg)
+        if self._stop.is_set():
+            raise Abandoned("stop requested")
+        if self._revoked:
+            raise Abandoned("partitions revoked")
+
+    def _rewind(self, records: Sequence[Message]) -> None:
+        """Make the partitions still assigned deliver the abandoned records again.
+
+        The consumer's position is past them; without the seek the next batch would start
+        after them and a later commit would skip them for good.
+        """
+        first: dict[tuple[str, int], int] = {}
+        for msg in records:
+            where = position(msg)
+            key = (where.topic, where.partition)
+            first[key] = min(first.get(key, where.offset), where.offset)
+        assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        for (topic, partition), offset in first.items():
+            if (topic, partition) not in assigned:
+                continue
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                logger.warning(
+                    "cannot rewind %s[%d] to %d (%s); the batch is redone after a restart",
+                    topic,
+                    partition,
+                    offset,
+                    describe_kafka_error(exc),
+                )
+                continue
+            self._carry = [
+                m for m in self._carry if (m.topic(), m.partition()) != (topic, partition)
+            ]
+        self._resume_all()
 
     def _commit(self, records: Sequence[Message]) -> None:
         """Commit past the batch. Runs only after MLflow accepted every record of it and the
@@ -239,6 +288,18 @@ class Sink:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
         reason = getattr(exc, "reason", exc)
+        if (
+            state.attempt_number >= ESCALATE_AFTER_ATTEMPTS
+            and isinstance(exc, TransientWriteError)
+            and exc.ambiguous
+            and not self.writer.escalate_ambiguous
+        ):
+            self.writer.escalate_ambiguous = True
+            logger.warning(
+                "MLflow keeps answering with an error (%s); if it answers other "
+                "requests, the records it fails on are dead-lettered",
+                reason,
+            )
         if state.attempt_number == 1:
             self._pause()
             self._waiting_since = self._last_wait_report = time.monotonic()
@@ -269,15 +330,17 @@ class Sink:
         deadline = time.monotonic() + seconds
         while True:
             if self._stop.is_set():
-                raise BatchAbandoned("stop requested while waiting for MLflow")
+                raise Abandoned("stop requested while waiting for MLflow")
             if self._revoked:
-                raise BatchAbandoned("partitions revoked while waiting for MLflow")
+                raise Abandoned("partitions revoked while waiting for MLflow")
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             msg = self._consumer.poll(min(left, 0.5))
-            if msg is not None and self._usable(msg) and not self._revoked:
-                # Fetched before the pause took effect: keep it, in order, for the next batch.
+            self._last_poll = time.monotonic()
+            if msg is not None and self._usable(msg):
+                # Fetched before the pause took effect, or from partitions assigned during
+                # this poll: keep it, in order, for the next batch.
                 self._carry.append(msg)
 
     def _pause(self) -> None:
@@ -287,8 +350,10 @@ class Sink:
         self._paused = True
 
     def _resume_if_paused(self) -> None:
-        if not self._paused:
-            return
+        if self._paused:
+            self._resume_all()
+
+    def _resume_all(self) -> None:
         self._paused = False
         assignment = self._consumer.assignment()
         if assignment:
@@ -304,8 +369,8 @@ class Sink:
         # here; a batch still being retried is abandoned and redone by the next owner.
         logger.info("partitions revoked: %s", _names(partitions))
         self._revoked = True
-        self._carry.clear()
-        self._paused = False
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._carry = [m for m in self._carry if (m.topic(), m.partition()) not in gone]
 
 
 def _names(partitions: Sequence[TopicPartition]) -> str:

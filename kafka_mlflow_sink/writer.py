@@ -29,7 +29,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
+from kafka_mlflow_sink.config import redact_uri
 from kafka_mlflow_sink.errors import (
+    ConfigError,
     PermanentWriteError,
     SinkError,
     TransientWriteError,
@@ -42,6 +44,7 @@ from kafka_mlflow_sink.plan import (
     RUN_NAME_TAG,
     START_UNKNOWN_TAG,
     LogBatch,
+    Position,
     Rejection,
     RunEvents,
     RunState,
@@ -50,6 +53,27 @@ from kafka_mlflow_sink.plan import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Words of errors that mean "MLflow is away, busy or locked": retry, never give up on them.
+_WAITING_MARKERS = (
+    "database is locked",
+    "connection refused",
+    "newconnectionerror",
+    "connection aborted",
+    "connection reset",
+    "remotedisconnected",
+    "timed out",
+    "timeout",
+    "temporarily",
+    "temporarily_unavailable",
+    "request_limit_exceeded",
+    "429",
+    "502",
+    "503",
+    "504",
+    "name or service not known",
+    "name resolution",
+)
 
 T = TypeVar("T")
 
@@ -89,23 +113,21 @@ def classify(exc: BaseException, action: str, run_key: str | None = None) -> Wri
     """The ``WriteError`` an exception raised by ``MlflowClient`` stands for."""
     if isinstance(exc, WriteError):
         return exc
-    text = " ".join(str(exc).split())[:300]
+    text = redact_uri(" ".join(str(exc).split()))[:300]
     code = getattr(exc, "error_code", None)
     reason = f"{action}: {code + ': ' if code else ''}{text or type(exc).__name__}"
+    lowered = text.lower()
     if (
         isinstance(exc, MlflowException)
         and code in _PERMANENT_CODES
-        and "database is locked" not in text.lower()
+        and "database is locked" not in lowered
     ):
         return PermanentWriteError(reason, run_key)
-    return TransientWriteError(reason, run_key)
-
-
-def _call(action: str, run_key: str | None, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-    try:
-        return fn(*args, **kw)
-    except Exception as exc:
-        raise classify(exc, action, run_key) from exc
+    transient = TransientWriteError(reason, run_key)
+    # MLflow answered with an error of its own (a 500, say) rather than being away or busy:
+    # that may be a bug triggered by this very request, which no retry will cure.
+    transient.ambiguous = not any(marker in lowered for marker in _WAITING_MARKERS)
+    return transient
 
 
 class MlflowWriter:
@@ -117,12 +139,53 @@ class MlflowWriter:
     """
 
     def __init__(self, tracking_uri: str | None = None, max_cached_runs: int = 10_000) -> None:
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        except Exception as exc:
+            uri = redact_uri(tracking_uri or "(MLflow's default)")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"tracking URI {uri} is not usable: {first[:200]}") from exc
         self._experiments: dict[str, str] = {}
         self._runs: LRUCache[str, _KnownRun] = LRUCache(maxsize=max_cached_runs)
+        self._between: Callable[[], None] = lambda: None
+        # Set by the retry loop once an error has persisted: an error MLflow itself returns
+        # (not an outage) then counts as a refusal of the record, if MLflow answers otherwise.
+        self.escalate_ambiguous = False
 
-    def apply(self, runs: Iterable[RunEvents]) -> WriteReport:
+    def _call(
+        self, action: str, run_key: str | None, fn: Callable[..., T], *args: Any, **kw: Any
+    ) -> T:
+        try:
+            return fn(*args, **kw)
+        except Exception as exc:
+            error = classify(exc, action, run_key)
+            if (
+                isinstance(error, TransientWriteError)
+                and error.ambiguous
+                and self.escalate_ambiguous
+                and self._mlflow_answers()
+            ):
+                raise PermanentWriteError(
+                    f"{error.reason} (persisting while MLflow answers other requests)", run_key
+                ) from exc
+            raise error from exc
+
+    def _mlflow_answers(self) -> bool:
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception:
+            return False
+        return True
+
+    def apply(
+        self, runs: Iterable[RunEvents], between: Callable[[], None] | None = None
+    ) -> WriteReport:
         """Write every run of a batch, in the order given.
+
+        Args:
+            runs: the batch, folded by run.
+            between: called between MLflow calls; it may raise to abandon the batch (a stop
+                request, revoked partitions), which leaves nothing half-believed behind.
 
         Returns:
             What was written and which records MLflow refuses for good.
@@ -132,6 +195,7 @@ class MlflowWriter:
                 and the whole batch is to be applied again.
         """
         report = WriteReport()
+        self._between = between or (lambda: None)
         for run in runs:
             try:
                 self._apply_run(run, report)
@@ -143,7 +207,7 @@ class MlflowWriter:
                     for s in run.events
                     if s.position not in rejected
                 )
-            except TransientWriteError:
+            except BaseException:
                 # Partly applied: forget what we believed the run holds, read it again later.
                 self._runs.pop(run.run_key, None)
                 raise
@@ -155,13 +219,27 @@ class MlflowWriter:
         known = self._resolve(run, report)
         writes = plan_run(run, known.state)
         report.rejected.extend(writes.rejected)
+        refused = len(report.rejected)
         for batch in writes.batches:
+            self._between()
             self._log_batch(known.run_id, run.run_key, batch, report)
-        for artifact, _position in writes.artifacts:
-            self._log_artifact(known.run_id, run.run_key, artifact.path, artifact.content)
-            report.artifacts += 1
-        if writes.finish is not None:
-            _call(
+        for artifact, position in writes.artifacts:
+            self._between()
+            if self._refusable(
+                report,
+                position,
+                self._log_artifact,
+                known.run_id,
+                run.run_key,
+                artifact.path,
+                artifact.content,
+            ):
+                report.artifacts += 1
+        if writes.finish is not None and writes.finish_position is not None:
+            self._refusable(
+                report,
+                writes.finish_position,
+                self._call,
                 "end run",
                 run.run_key,
                 self.client.set_terminated,
@@ -169,7 +247,23 @@ class MlflowWriter:
                 writes.finish.status,
                 writes.finish.end_time,
             )
-        known.state = writes.state
+        if len(report.rejected) > refused:
+            # MLflow refused part of the plan: what it holds is no longer what was planned.
+            self._runs.pop(run.run_key, None)
+        else:
+            known.state = writes.state
+
+    @staticmethod
+    def _refusable(
+        report: WriteReport, position: Position, fn: Callable[..., Any], *args: Any
+    ) -> bool:
+        """One write for one record; a refusal rejects that record only. True if written."""
+        try:
+            fn(*args)
+        except PermanentWriteError as exc:
+            report.rejected.append(Rejection(position, exc.reason))
+            return False
+        return True
 
     def _log_batch(self, run_id: str, run_key: str, batch: LogBatch, report: WriteReport) -> None:
         try:
@@ -187,7 +281,7 @@ class MlflowWriter:
         report.tags += len(batch.tags)
 
     def _send_batch(self, run_id: str, run_key: str, batch: LogBatch) -> None:
-        _call(
+        self._call(
             "log_batch",
             run_key,
             self.client.log_batch,
@@ -201,10 +295,15 @@ class MlflowWriter:
     def _log_artifact(self, run_id: str, run_key: str, path: str, content: bytes) -> None:
         with tempfile.TemporaryDirectory(prefix="kafka-mlflow-sink-") as tmp:
             local = Path(tmp, path)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(content)
+            try:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(content)
+            except OSError as exc:
+                raise PermanentWriteError(
+                    f"artifact {path!r} cannot be stored as a file: {exc.strerror}", run_key
+                ) from exc
             folder = str(Path(path).parent)
-            _call(
+            self._call(
                 f"log artifact {path!r}",
                 run_key,
                 self.client.log_artifact,
@@ -234,7 +333,7 @@ class MlflowWriter:
         cached = self._experiments.get(name)
         if cached is not None:
             return cached
-        experiment = _call("get experiment", run_key, self.client.get_experiment_by_name, name)
+        experiment = self._call("get experiment", run_key, self.client.get_experiment_by_name, name)
         if experiment is not None and experiment.lifecycle_stage == "deleted":
             raise PermanentWriteError(f"experiment {name!r} is deleted in MLflow", run_key)
         if experiment is not None:
@@ -244,7 +343,9 @@ class MlflowWriter:
                 experiment_id = self.client.create_experiment(name)
             except MlflowException as exc:
                 # Another sink instance may have created it a moment ago.
-                found = _call("get experiment", run_key, self.client.get_experiment_by_name, name)
+                found = self._call(
+                    "get experiment", run_key, self.client.get_experiment_by_name, name
+                )
                 if found is None:
                     raise classify(exc, f"create experiment {name!r}", run_key) from exc
                 experiment_id = str(found.experiment_id)
@@ -255,7 +356,7 @@ class MlflowWriter:
         return experiment_id
 
     def _find(self, experiment_id: str, run_key: str) -> _KnownRun | None:
-        found = _call(
+        found = self._call(
             "search runs",
             run_key,
             self.client.search_runs,
@@ -285,7 +386,7 @@ class MlflowWriter:
             end_time=mlflow_run.info.end_time,
         )
         for key in mlflow_run.data.metrics:
-            history = _call(
+            history = self._call(
                 "read metric history", run_key, self.client.get_metric_history, run_id, key
             )
             state.points.update(
@@ -303,7 +404,7 @@ class MlflowWriter:
             tags.update(start.tags)
             if start.parent_run_key:
                 tags[PARENT_RUN_TAG] = self._parent_run_id(experiment_id, run, start.parent_run_key)
-        created = _call(
+        created = self._call(
             "create run",
             run.run_key,
             self.client.create_run,
@@ -329,7 +430,7 @@ class MlflowWriter:
         self, experiment_id: str, parent: RunEvents, child: RunEvents
     ) -> _KnownRun:
         tags = {RUN_KEY_TAG: parent.run_key, START_UNKNOWN_TAG: "true"}
-        created = _call(
+        created = self._call(
             "create parent run",
             child.run_key,
             self.client.create_run,
@@ -349,9 +450,9 @@ class MlflowWriter:
             return
         name = run_name(run.run_key, start)
         if known.state.tags.get(RUN_NAME_TAG) != name:
-            _call("rename run", run.run_key, self.client.update_run, known.run_id, name=name)
+            self._call("rename run", run.run_key, self.client.update_run, known.run_id, name=name)
             known.state.tags[RUN_NAME_TAG] = name
-        _call(
+        self._call(
             "clear start mark", run.run_key, self.client.delete_tag, known.run_id, START_UNKNOWN_TAG
         )
         del known.state.tags[START_UNKNOWN_TAG]
@@ -375,6 +476,5 @@ def check_mlflow(writer: MlflowWriter) -> None:
         writer.client.search_experiments(max_results=1)
     except Exception as exc:
         reason = classify(exc, "search experiments").reason
-        raise MlflowUnavailable(
-            f"cannot reach MLflow at {writer.client.tracking_uri}: {reason}"
-        ) from exc
+        uri = redact_uri(writer.client.tracking_uri)
+        raise MlflowUnavailable(f"cannot reach MLflow at {uri}: {reason}") from exc

@@ -144,7 +144,8 @@ def comparable(runs: dict[str, RunContent]) -> dict[str, RunContent]:
 
 def assert_mlflow_holds(expected: dict[str, RunContent], actual: dict[str, RunContent]) -> None:
     """MLflow holds exactly what the topic says: nothing missing, no extra point or param."""
-    assert differences(expected, actual) == {}
+    report = differences(expected, actual)
+    assert report == {}, report
     for key, want in expected.items():
         assert actual[key].params == want.params, key
         assert actual[key].points == want.points, key

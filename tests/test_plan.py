@@ -215,3 +215,26 @@ def test_planning_does_not_change_the_known_state() -> None:
     known = RunState(params={"a": "1"})
     plan_run(one_run(ParamsLogged({"b": "2"}), points(3)), known)
     assert known.params == {"a": "1"} and known.points == set()
+
+
+def test_the_run_finished_record_is_known_by_its_position() -> None:
+    writes = plan_run(one_run(points(1), RunFinished("FINISHED", 7)), RunState())
+    assert writes.finish_position == Position("t", 0, 1)
+
+
+def test_a_refused_run_started_is_not_the_runs_start() -> None:
+    run = one_run(RunStarted(1, "bad", tags={"bad#tag": "v"}), points(1))
+    assert run.start is None
+    writes = plan_run(run, RunState())
+    assert [r.position.offset for r in writes.rejected] == [0]
+    assert "bad#tag" not in writes.state.tags
+
+
+def test_artifact_paths_must_fit_a_file_system() -> None:
+    run = one_run(
+        ArtifactLogged("dir/" + "n" * 300 + ".txt", b"x"), ArtifactLogged("ok/f.txt", b"y")
+    )
+    writes = plan_run(run, RunState())
+    assert [r.position.offset for r in writes.rejected] == [0]
+    assert "over 255 bytes" in writes.rejected[0].reason
+    assert [a.path for a, _ in writes.artifacts] == ["ok/f.txt"]
