@@ -1,0 +1,94 @@
+"""The MLflow writer against a real embedded MLflow store (SQLite in a temporary folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kafka_mlflow_sink.errors import TransientWriteError
+from kafka_mlflow_sink.events import (
+    ArtifactLogged,
+    MetricPoint,
+    MetricsLogged,
+    Payload,
+    RunEvent,
+    RunFinished,
+    RunStarted,
+)
+from kafka_mlflow_sink.plan import Position, SourcedEvent, group_by_run
+from kafka_mlflow_sink.writer import MlflowWriter, classify
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def batch(*payloads: Payload, key: str = "run-1", first: int = 0) -> list[SourcedEvent]:
+    return [
+        SourcedEvent(RunEvent(key, "writer", p), Position("t", 0, first + i))
+        for i, p in enumerate(payloads)
+    ]
+
+
+def test_a_record_refused_by_mlflow_stays_refused_when_the_batch_is_retried(store: str) -> None:
+    writer = MlflowWriter(store)
+    report = writer.apply(group_by_run(batch(RunStarted(1, "r"))))
+    assert report.runs_created == 1
+    run_id = writer.client.search_runs(["1"])[0].info.run_id
+    writer.client.delete_run(run_id)  # the cached run is now deleted in MLflow
+
+    late = batch(MetricsLogged((MetricPoint("m", 1.0, 0, 5),)), first=1)
+    first = writer.apply(group_by_run(late))
+    assert [r.position.offset for r in first.rejected] == [1]
+    again = writer.apply(group_by_run(late))  # a retry of the same batch
+    assert [r.position.offset for r in again.rejected] == [1]
+    assert "deleted" in again.rejected[0].reason
+
+
+def test_a_refused_end_rejects_only_its_record(store: str) -> None:
+    writer = MlflowWriter(store)
+    writer.apply(group_by_run(batch(RunStarted(1, "r"))))
+    writer.client.delete_run(writer.client.search_runs(["1"])[0].info.run_id)
+    report = writer.apply(
+        group_by_run(batch(ArtifactLogged("a.txt", b"x"), RunFinished("FINISHED", 9), first=1))
+    )
+    assert [r.position.offset for r in report.rejected] == [2]
+
+
+def test_an_error_mlflow_keeps_returning_becomes_a_refusal_once_escalated(store: str) -> None:
+    writer = MlflowWriter(store)
+    clash = batch(RunStarted(1, "r"), ArtifactLogged("x", b"file"), ArtifactLogged("x/y.txt", b"2"))
+    with pytest.raises(TransientWriteError) as caught:
+        writer.apply(group_by_run(clash))
+    assert caught.value.ambiguous
+    writer.escalate_ambiguous = True
+    report = writer.apply(group_by_run(clash))
+    assert [r.position.offset for r in report.rejected] == [2]
+    assert "persisting while MLflow answers" in report.rejected[0].reason
+
+
+@pytest.mark.parametrize(
+    ("text", "ambiguous"),
+    [
+        (
+            "API request to http://h/api failed with exception HTTPConnectionPool(host='h', "
+            "port=1): Max retries exceeded (Caused by NewConnectionError('Connection refused'))",
+            False,
+        ),
+        ("API request failed: too many 500 error responses", True),
+        ("(sqlite3.OperationalError) database is locked", False),
+        ("Response: 503 Service Unavailable", False),
+    ],
+)
+def test_outages_are_never_ambiguous(text: str, ambiguous: bool) -> None:
+    from mlflow.exceptions import MlflowException
+
+    error = classify(MlflowException(text), "log_batch")
+    assert isinstance(error, TransientWriteError) and error.ambiguous is ambiguous
+
+
+def test_the_user_part_of_a_uri_is_masked_in_errors() -> None:
+    error = classify(OSError("cannot reach http://alice:s3cret@mlflow:5000/api"), "log_batch")
+    assert "s3cret" not in error.reason and "alice:***@" in error.reason
