@@ -75,17 +75,25 @@ class BareCodec:
 class RegistryCodec:
     """The Confluent wire format, with schemas resolved through a Schema Registry."""
 
-    def __init__(self, registry_url: str, registry_config: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        registry_url: str | None = None,
+        registry_config: dict[str, str] | None = None,
+        client: Any = None,
+    ) -> None:
+        """Use the registry at ``registry_url``, or an existing ``client`` to share one."""
         # Imported here: the registry client pulls in an HTTP stack that bare framing never needs.
         from confluent_kafka.schema_registry import SchemaRegistryClient
         from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
-        try:
-            client = SchemaRegistryClient.new_client(
-                {"url": registry_url, **(registry_config or {})}
-            )
-        except Exception as exc:
-            raise ConfigError(f"invalid Schema Registry settings: {_describe(exc)}") from exc
+        if client is None:
+            try:
+                client = SchemaRegistryClient.new_client(
+                    {"url": registry_url, **(registry_config or {})}
+                )
+            except Exception as exc:
+                raise ConfigError(f"invalid Schema Registry settings: {_describe(exc)}") from exc
+        self.client = client
         self._serializer = AvroSerializer(
             client, schema_text(), conf={"auto.register.schemas": True}
         )

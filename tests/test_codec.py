@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from confluent_kafka.serialization import MessageField, SerializationContext
 
-from kafka_mlflow_sink.codec import BareCodec, Codec, RegistryCodec, make_codec
+from kafka_mlflow_sink.codec import BareCodec, Codec, RegistryCodec, make_codec, schema_text
 from kafka_mlflow_sink.errors import ConfigError, DecodeError
 from kafka_mlflow_sink.events import (
     ArtifactLogged,
@@ -18,6 +22,7 @@ from kafka_mlflow_sink.events import (
     RunFinished,
     RunStarted,
     TagsSet,
+    to_record,
 )
 
 TOPIC = "events"
@@ -144,3 +149,75 @@ def test_unknown_framing_is_a_config_error() -> None:
         make_codec("json")
     with pytest.raises(ConfigError, match="Schema Registry URL"):
         make_codec("registry")
+
+
+def _evolved(change: Callable[[dict[str, Any]], None]) -> str:
+    schema = json.loads(schema_text())
+    change(schema)
+    return json.dumps(schema)
+
+
+def _payload_record(schema: dict[str, Any], field: str) -> dict[str, Any]:
+    (entry,) = [f for f in schema["fields"] if f["name"] == field]
+    return next(t for t in entry["type"] if isinstance(t, dict))
+
+
+def _write_with(writer_schema: str, record: dict[str, Any]) -> tuple[RegistryCodec, bytes]:
+    """Encode ``record`` as a producer with ``writer_schema`` would, into a shared registry."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+
+    client = SchemaRegistryClient.new_client({"url": f"mock://{uuid.uuid4().hex}"})
+    serializer = AvroSerializer(client, writer_schema, conf={"auto.register.schemas": True})
+    data = serializer(record, SerializationContext(TOPIC, MessageField.VALUE))
+    return RegistryCodec(client=client), bytes(data)
+
+
+def test_a_newer_producers_added_optional_field_is_ignored() -> None:
+    def add(schema: dict[str, Any]) -> None:
+        schema["fields"].append({"name": "host", "type": ["null", "string"], "default": None})
+        started = _payload_record(schema, "run_started")
+        started["fields"].append({"name": "git_sha", "type": "string", "default": ""})
+
+    record = to_record(RunEvent("r", "e", RunStarted(5, "named", {"a": "b"})))
+    record["host"] = "gpu-7"
+    record["run_started"]["git_sha"] = "abc123"
+    codec, data = _write_with(_evolved(add), record)
+    decoded = codec.decode(data, TOPIC)
+    assert decoded.payload == RunStarted(5, "named", {"a": "b"})
+
+
+def test_an_older_producer_without_a_defaulted_field_still_decodes() -> None:
+    def remove(schema: dict[str, Any]) -> None:
+        started = _payload_record(schema, "run_started")
+        started["fields"] = [f for f in started["fields"] if f["name"] != "parent_run_key"]
+
+    record = to_record(RunEvent("r", "e", RunStarted(5, "old")))
+    del record["run_started"]["parent_run_key"]
+    codec, data = _write_with(_evolved(remove), record)
+    assert codec.decode(data, TOPIC).payload == RunStarted(5, "old", {}, None)
+
+
+def test_a_newer_producers_unknown_event_type_is_refused_with_a_reason() -> None:
+    def add(schema: dict[str, Any]) -> None:
+        schema["fields"].append(
+            {
+                "name": "model_registered",
+                "default": None,
+                "type": [
+                    "null",
+                    {
+                        "type": "record",
+                        "name": "ModelRegistered",
+                        "fields": [{"name": "model", "type": "string"}],
+                    },
+                ],
+            }
+        )
+
+    record = to_record(RunEvent("r", "e", RunFinished("FINISHED", 1)))
+    record["run_finished"] = None
+    record["model_registered"] = {"model": "m"}
+    codec, data = _write_with(_evolved(add), record)
+    with pytest.raises(DecodeError, match="has no payload"):
+        codec.decode(data, TOPIC)
