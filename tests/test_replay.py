@@ -169,7 +169,12 @@ def test_a_sink_killed_between_write_and_commit_neither_loses_nor_duplicates(
         pub.log_params({"a": 1})
         for step in range(100):
             pub.log_metric("loss", 1 / (step + 1), step=step)
-    args = sink_args(kafka_bootstrap_servers, events, "crash", mlflow_tracking_uri)
+    # A short session lets the restarted sink take over from the killed one quickly.
+    args = [
+        *sink_args(kafka_bootstrap_servers, events, "crash", mlflow_tracking_uri),
+        "--kafka",
+        "session.timeout.ms=6000",
+    ]
     doomed = start_sink(*args, env={FAILPOINT_ENV: "before-commit"})
     wait_until(lambda: doomed.process.poll() is not None, 90, "the failpoint to kill the sink")
     assert doomed.process.returncode == -9
