@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from confluent_kafka import Producer
-from localstack import MlflowServer
+from localstack import KafkaBroker, MlflowServer, create_topic
 
 from kafka_mlflow_sink import Publisher
 from kafka_mlflow_sink.deadletter import HEADER_PREFIX
@@ -112,3 +112,22 @@ def test_bad_tracking_uris_are_one_line_without_secrets(
         secret.stderr
     )
     assert "s3cret" not in secret.stderr
+
+
+def test_a_broker_restart_while_the_sink_runs_loses_nothing(
+    kafka_broker: KafkaBroker,
+    mlflow_tracking_uri: str,
+    start_sink: Callable[..., SinkProcess],
+) -> None:
+    bootstrap = kafka_broker.bootstrap_servers
+    events = create_topic(bootstrap, f"restart-{uuid.uuid4().hex[:8]}", partitions=2)
+    sink = start_sink(*sink_args(bootstrap, events, "restart", mlflow_tracking_uri))
+    publish(bootstrap, events, runs=3, points=10)
+    wait_for_zero_lag(bootstrap, events, "restart", sink)
+
+    kafka_broker.restart()  # same port, same storage
+    publish(bootstrap, events, runs=3, points=10)
+    wait_for_zero_lag(bootstrap, events, "restart", sink, timeout=120)
+    truth = topic_runs(bootstrap, events)
+    assert len(truth) == 6
+    assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
