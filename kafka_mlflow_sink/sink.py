@@ -46,6 +46,7 @@ from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.deadletter import DeadLetterWriter
 from kafka_mlflow_sink.errors import Abandoned, SinkError, TransientWriteError
+from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
 from kafka_mlflow_sink.writer import MlflowWriter
 
 logger = logging.getLogger(__name__)
@@ -164,8 +165,8 @@ class Sink:
             return True
         if err.fatal():
             raise KafkaException(err)
-        # Broker and network trouble is retried inside librdkafka; say it once it happens.
-        logger.warning("Kafka reports %s; librdkafka keeps retrying", err.str())
+        # Broker and network trouble is retried inside librdkafka; its logger drops repeats.
+        LIBRDKAFKA_LOGGER.warning("Kafka reports %s; librdkafka keeps retrying", err.str())
         return False
 
     def _handle(self, records: list[Message]) -> None:
