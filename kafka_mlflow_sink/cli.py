@@ -128,7 +128,7 @@ def _source_options(fn: F) -> F:
 @click.option(
     "--dead-letter-topic",
     envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
-    help="Topic for records that can never be written. [default: <topic>.dlq]",
+    help="Topic for records that can never be written. [default: <first topic>.dlq]",
 )
 @click.option(
     "--batch-max-records",
@@ -165,8 +165,6 @@ def run(
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
     if print_config:
         click.echo(to_toml(config.redacted()))
-        if config.tracking_uri is None:
-            click.echo("# tracking_uri unset: MLflow's default applies (sqlite:///mlflow.db here)")
         return
     _guard(lambda: _run_sink(config))
 
@@ -215,6 +213,11 @@ def lag(config_file: Path | None, kafka_pairs: tuple[str, ...], wait: float, **f
             f"{row.topic}[{row.partition}] committed={committed} end={row.end} lag={row.lag}"
         )
     click.echo(f"total lag {total}")
+    if rows and all(row.committed < 0 for row in rows):
+        click.echo(
+            f"group {settings.group_id!r} has committed nothing on these topics "
+            "(a new group, or a misspelt one?)"
+        )
     sys.exit(0 if total == 0 else 1)
 
 
@@ -309,7 +312,9 @@ def verify(
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
 
     _setup_logging(log_level)
+    _mlflow_fail_fast()
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
+    _refuse_missing_sqlite(config.tracking_uri)
     codec = _guard(lambda: make_codec(config.framing, config.schema_registry_url))
     topic = _guard(lambda: read_topic(config.consumer_settings(), config.topics, codec))
     writer = _guard(lambda: MlflowWriter(config.tracking_uri))
@@ -444,6 +449,13 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def _refuse_missing_sqlite(tracking_uri: str | None) -> None:
+    """Reading must not create a store: MLflow would make an empty SQLite file."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        _fail(f"no MLflow store at {uri}", EXIT_UNAVAILABLE)
+
+
 def _mlflow_fail_fast() -> None:
     # MLflow's HTTP client retries 429/5xx up to 7 times with long backoff by default; the
     # sink retries whole batches itself, so let each call fail fast instead of stacking.
@@ -452,6 +464,7 @@ def _mlflow_fail_fast() -> None:
     # A daemon's output is its log: no "View run at" lines on stdout, no INFO chatter.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _on_stop_signals(stop: Callable[[], None]) -> None:
@@ -500,10 +513,10 @@ def _run_sink(config: SinkConfig) -> None:
     from kafka_mlflow_sink.sink import Sink
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
 
-    logger.info("kafka-mlflow-sink %s starting with %s", __version__, config.redacted())
     check_kafka(config)
     writer = MlflowWriter(config.tracking_uri)
     check_mlflow(writer)
+    logger.info("kafka-mlflow-sink %s starting with %s", __version__, config.redacted())
     sink = Sink(config, make_codec(config.framing, config.schema_registry_url), writer)
     _on_stop_signals(sink.stop)
     sink.run()

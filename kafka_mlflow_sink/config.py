@@ -64,6 +64,7 @@ class SinkConfig:
     kafka: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.bootstrap_servers:
             raise ConfigError("bootstrap_servers is required (e.g. 127.0.0.1:9092)")
         if not self.topics or any(not t for t in self.topics):
@@ -80,6 +81,12 @@ class SinkConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value}")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("auto_offset_reset must be 'earliest' or 'latest'")
+        masked = sorted(k for k, v in self.kafka.items() if v == "***")
+        if masked:
+            raise ConfigError(
+                f"kafka setting {masked[0]!r} is the mask '***' from a printed "
+                "configuration; give the real value"
+            )
         reserved = sorted(_RESERVED_KAFKA & set(self.kafka))
         if reserved:
             raise ConfigError(f"kafka setting {reserved[0]!r} is managed by the sink")
@@ -87,6 +94,31 @@ class SinkConfig:
             object.__setattr__(self, "dead_letter_topic", f"{self.topics[0]}.dlq")
         if self.dead_letter_topic in self.topics:
             raise ConfigError("dead_letter_topic must differ from the consumed topics")
+
+    def _check_types(self) -> None:
+        """One precise line for a value of the wrong type (a TOML file can hold anything)."""
+        expected = {
+            "batch_max_records": int,
+            "batch_max_wait": float,
+            "retry_initial_wait": float,
+            "retry_max_wait": float,
+            "stats_interval": float,
+        }
+        for name, kind in expected.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | kind):
+                raise ConfigError(f"{name} must be a number, not {value!r}")
+        for name in (
+            "bootstrap_servers",
+            "group_id",
+            "dead_letter_topic",
+            "framing",
+            "auto_offset_reset",
+        ):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, not {getattr(self, name)!r}")
+        if not isinstance(self.kafka, Mapping):
+            raise ConfigError("kafka must be a table of librdkafka settings")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SinkConfig:
@@ -147,7 +179,7 @@ def to_toml(shown: Mapping[str, Any]) -> str:
         if isinstance(value, Mapping):
             tables[key] = value
         elif value is None:
-            lines.append(f"# {key} is not set")
+            lines.append(f"# {key} is not set: its default applies")
         else:
             lines.append(f"{key} = {_toml_value(value)}")
     for name, table in tables.items():

@@ -121,7 +121,7 @@ class Replay:
             ", ".join(self.config.topics),
             self.start_at.describe(),
             total,
-            len(reader.ranges),
+            sum(1 for r in reader.ranges if self.follow or not r.done),
             ", then following" if self.follow else "",
         )
         progress = _Progress(total, self._progress, self.config.stats_interval)

@@ -124,7 +124,7 @@ class Sink:
         self._consumer.subscribe(
             list(self.config.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
-        window = (time.monotonic(), 0)  # start of the progress window, points then
+        window = (time.monotonic(), 0)  # start of the progress window, records then
         try:
             while not self._stop.is_set():
                 records = self._poll()
@@ -137,13 +137,13 @@ class Sink:
         return self.stats
 
     def _report_progress(self, window: tuple[float, int]) -> tuple[float, int]:
-        """Log progress over the last window, unless nothing happened in it."""
-        started, points = window
+        """Log progress over the last window, unless no record was committed in it."""
+        started, records = window
         now = time.monotonic()
-        if self.stats.points != points or self.stats.records == 0:
-            rate = (self.stats.points - points) / max(now - started, 1e-9)
-            logger.info("progress: %s; %.0f points/s lately", self.stats.line(), rate)
-        return now, self.stats.points
+        if self.stats.records != records:
+            rate = (self.stats.records - records) / max(now - started, 1e-9)
+            logger.info("progress: %s; %.0f records/s lately", self.stats.line(), rate)
+        return now, self.stats.records
 
     def _close(self) -> None:
         logger.info("stopping: %s", self.stats.line())

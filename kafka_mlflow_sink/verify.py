@@ -52,6 +52,7 @@ class RunContent:
     tags: dict[str, str] = field(default_factory=dict)
     points: set[PointId] = field(default_factory=set)
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    copies: int = 1  # MLflow runs carrying this run key; more than one is a duplicate
 
 
 @dataclass
@@ -115,28 +116,32 @@ def read_mlflow(client: MlflowClient, wanted: Mapping[str, RunContent]) -> dict[
     keys_by_id: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="kafka-mlflow-sink-verify-") as tmp:
         for key, want in wanted.items():
-            run = _find(client, want.experiment, key)
-            if run is None:
+            runs = _find(client, want.experiment, key)
+            if not runs:
                 continue
-            keys_by_id[run.info.run_id] = key
-            found[key] = _content(client, run, want.experiment, want.artifacts, Path(tmp))
+            for run in runs:
+                keys_by_id[run.info.run_id] = key
+            found[key] = _content(client, runs[0], want.experiment, want.artifacts, Path(tmp))
+            found[key].copies = len(runs)
     for content in found.values():
         parent_id = content.tags.get(PARENT_RUN_TAG)
-        content.parent_key = keys_by_id.get(parent_id, parent_id) if parent_id else None
+        if parent_id:
+            content.parent_key = keys_by_id.get(parent_id, f"(run id {parent_id}, no run key)")
     return found
 
 
-def _find(client: MlflowClient, experiment: str, key: str) -> Any:
+def _find(client: MlflowClient, experiment: str, key: str) -> list[Any]:
+    """The active runs of a run key, the one the sink writes to first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return None
+        return []
     runs = client.search_runs(
         [exp.experiment_id],
         f"tags.`{RUN_KEY_TAG}` = '{key}'",
         run_view_type=ViewType.ACTIVE_ONLY,
-        max_results=2,
+        max_results=10,
     )
-    return runs[0] if runs else None
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def _content(
@@ -181,6 +186,8 @@ def differences(
 
 def _compare(want: RunContent, got: RunContent) -> list[str]:
     problems: list[str] = []
+    if got.copies > 1:
+        problems.append(f"{got.copies} MLflow runs carry this run key; expected one")
     fields = [
         ("run name", want.run_name, got.run_name),
         ("status", want.status, got.status),

@@ -356,25 +356,31 @@ class MlflowWriter:
         return experiment_id
 
     def _find(self, experiment_id: str, run_key: str) -> _KnownRun | None:
-        found = self._call(
-            "search runs",
-            run_key,
-            self.client.search_runs,
-            [experiment_id],
-            filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-            run_view_type=ViewType.ALL,
-            max_results=2,
-        )
-        if not found:
-            return None
-        if any(r.info.lifecycle_stage == "deleted" for r in found):
+        runs = self._search(experiment_id, run_key)
+        active = [r for r in runs if r.info.lifecycle_stage != "deleted"]
+        if runs and not active:
             raise PermanentWriteError(f"run {run_key} is deleted in MLflow", run_key)
-        if len(found) > 1:
+        if not active:
+            return None
+        if len(active) > 1:
             logger.warning(
-                "run key %s has %d MLflow runs; writing to the oldest", run_key, len(found)
+                "run key %s has %d MLflow runs; writing to the first created", run_key, len(active)
             )
-        oldest = min(found, key=lambda r: r.info.start_time or 0)
-        return _KnownRun(oldest.info.run_id, self._read_state(oldest, run_key))
+        first = min(active, key=_creation_order)
+        return _KnownRun(first.info.run_id, self._read_state(first, run_key))
+
+    def _search(self, experiment_id: str, run_key: str) -> list[Any]:
+        return list(
+            self._call(
+                "search runs",
+                run_key,
+                self.client.search_runs,
+                [experiment_id],
+                filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                run_view_type=ViewType.ALL,
+                max_results=10,
+            )
+        )
 
     def _read_state(self, mlflow_run: Any, run_key: str) -> RunState:
         """What an existing MLflow run holds, every metric point included."""
@@ -414,8 +420,43 @@ class MlflowWriter:
             run_name=run_name(run.run_key, start),
         )
         state = RunState(tags=dict(created.data.tags), status=created.info.status)
-        logger.debug("created MLflow run %s for run key %s", created.info.run_id, run.run_key)
+        winner = self._settle_creation(experiment_id, run.run_key, created.info.run_id)
+        if winner is not None:
+            return winner
+        logger.info(
+            "created MLflow run %s (%s) for run key %s",
+            created.info.run_id,
+            run_name(run.run_key, start),
+            run.run_key,
+        )
         return _KnownRun(created.info.run_id, state)
+
+    def _settle_creation(self, experiment_id: str, run_key: str, mine: str) -> _KnownRun | None:
+        """After creating a run, make sure it is the only one for its key.
+
+        Another writer (a replay next to the daemon, say) may have created one at the same
+        moment: MLflow has no unique key to prevent it. Every writer keeps the run created
+        first and deletes its own if it is not that one, so all of them end up on one run.
+
+        Returns:
+            The run to use instead of ``mine``, or None to keep ``mine``.
+        """
+        active = [
+            r for r in self._search(experiment_id, run_key) if r.info.lifecycle_stage != "deleted"
+        ]
+        if len(active) < 2:
+            return None
+        first = min(active, key=_creation_order)
+        if first.info.run_id == mine:
+            return None
+        self._call("delete duplicate run", run_key, self.client.delete_run, mine)
+        logger.warning(
+            "run key %s was created twice at once; kept MLflow run %s, deleted %s",
+            run_key,
+            first.info.run_id,
+            mine,
+        )
+        return _KnownRun(first.info.run_id, self._read_state(first, run_key))
 
     def _parent_run_id(self, experiment_id: str, run: RunEvents, parent_key: str) -> str:
         """The parent's MLflow run id; a placeholder run when its start has not arrived."""
@@ -456,6 +497,11 @@ class MlflowWriter:
             "clear start mark", run.run_key, self.client.delete_tag, known.run_id, START_UNKNOWN_TAG
         )
         del known.state.tags[START_UNKNOWN_TAG]
+
+
+def _creation_order(run: Any) -> tuple[int, str]:
+    """Orders the runs of one key the same way for every writer: oldest, then by id."""
+    return (run.info.start_time or 0, run.info.run_id)
 
 
 def run_name(run_key: str, start: RunStarted | None) -> str:

@@ -61,6 +61,23 @@ def test_unknown_setting_in_a_config_file_is_named(tmp_path: Path) -> None:
     assert code == 2 and "unknown setting 'batch_size'" in out
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('batch_max_records = "lots"', "batch_max_records must be a number, not 'lots'"),
+        ("group_id = 5", "group_id must be a string, not 5"),
+        ('[kafka]\n"sasl.password" = "***"', "is the mask '***' from a printed configuration"),
+    ],
+)
+def test_wrong_values_in_a_config_file_are_configuration_errors(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    config = tmp_path / "sink.toml"
+    config.write_text(f'bootstrap_servers = "x:1"\n{toml}\n')
+    code, out = invoke("run", "--config", str(config))
+    assert code == 2 and message in out
+
+
 def test_config_file_values_lose_to_flags(tmp_path: Path) -> None:
     config = tmp_path / "sink.toml"
     config.write_text(

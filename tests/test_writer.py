@@ -92,3 +92,33 @@ def test_outages_are_never_ambiguous(text: str, ambiguous: bool) -> None:
 def test_the_user_part_of_a_uri_is_masked_in_errors() -> None:
     error = classify(OSError("cannot reach http://alice:s3cret@mlflow:5000/api"), "log_batch")
     assert "s3cret" not in error.reason and "alice:***@" in error.reason
+
+
+def test_a_run_created_twice_at_once_settles_on_the_first(store: str) -> None:
+    from kafka_mlflow_sink.plan import RUN_KEY_TAG
+
+    writer = MlflowWriter(store)
+    writer.apply(group_by_run(batch(RunStarted(1, "r"), key="k")))
+    (theirs,) = writer.client.search_runs(["1"])
+    # A second writer created its own run for the key at the same moment.
+    mine = writer.client.create_run("1", start_time=1, tags={RUN_KEY_TAG: "k"}).info.run_id
+    first = min([theirs.info.run_id, mine])
+    kept = writer._settle_creation("1", "k", mine)
+    if mine == first:
+        assert kept is None  # ours is the one every writer keeps
+    else:
+        assert kept is not None and kept.run_id == first
+        assert writer.client.get_run(mine).info.lifecycle_stage == "deleted"
+
+
+def test_verify_reports_a_run_key_held_by_two_runs(store: str) -> None:
+    from kafka_mlflow_sink.plan import RUN_KEY_TAG
+    from kafka_mlflow_sink.verify import differences, expected_runs, read_mlflow
+
+    events = batch(RunStarted(1, "r"), key="k")
+    writer = MlflowWriter(store)
+    writer.apply(group_by_run(events))
+    writer.client.create_run("1", start_time=1, tags={RUN_KEY_TAG: "k"}, run_name="r")
+    expected = expected_runs(group_by_run(events))
+    report = differences(expected, read_mlflow(writer.client, expected))
+    assert report == {"k": ["2 MLflow runs carry this run key; expected one"]}
