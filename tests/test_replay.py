@@ -149,6 +149,10 @@ def test_verify_names_what_mlflow_lacks(
     ):
         pub.log_param("p", 1)
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    missing = cli("verify", "-b", kafka_bootstrap_servers, "-t", events, "--tracking-uri", empty)
+    assert missing.returncode == 3 and f"no MLflow store at {empty}" in missing.stderr
+    assert not (tmp_path / "empty.db").exists()  # reading never creates a store
+    MlflowClient(empty).search_experiments()  # now it exists, and holds nothing
     result = cli("verify", "-b", kafka_bootstrap_servers, "-t", events, "--tracking-uri", empty)
     assert result.returncode == 1
     assert "'only-in-kafka' in 'verify': missing run" in result.stdout
