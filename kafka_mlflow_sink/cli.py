@@ -76,17 +76,25 @@ def cli() -> None:
     """
 
 
+_topics_option = click.option(
+    "--topic",
+    "-t",
+    "topics",
+    multiple=True,
+    envvar=ENV_PREFIX + "TOPICS",
+    help="Topic of run events; repeatable. [default: mlflow-events]",
+)
+_dead_letter_option = click.option(
+    "--dead-letter-topic",
+    envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
+    help="Topic for records that can never be written. [default: <first topic>.dlq]",
+)
+
+
 def _source_options(fn: F) -> F:
     """Topics and how their records are framed."""
     options = [
-        click.option(
-            "--topic",
-            "-t",
-            "topics",
-            multiple=True,
-            envvar=ENV_PREFIX + "TOPICS",
-            help="Topic of run events; repeatable. [default: mlflow-events]",
-        ),
+        _topics_option,
         click.option(
             "--framing",
             type=click.Choice(["bare", "registry"]),
@@ -125,11 +133,7 @@ def _source_options(fn: F) -> F:
     envvar=ENV_PREFIX + "GROUP_ID",
     help="Consumer group. [default: kafka-mlflow-sink]",
 )
-@click.option(
-    "--dead-letter-topic",
-    envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
-    help="Topic for records that can never be written. [default: <first topic>.dlq]",
-)
+@_dead_letter_option
 @click.option(
     "--batch-max-records",
     type=int,
@@ -171,14 +175,7 @@ def run(
 
 @cli.command()
 @_kafka_options
-@click.option(
-    "--topic",
-    "-t",
-    "topics",
-    multiple=True,
-    envvar=ENV_PREFIX + "TOPICS",
-    help="Topic; repeatable. [default: mlflow-events]",
-)
+@_topics_option
 @click.option(
     "--group-id",
     "-g",
@@ -332,19 +329,8 @@ def verify(
 
 @cli.command("create-topics")
 @_kafka_options
-@click.option(
-    "--topic",
-    "-t",
-    "topics",
-    multiple=True,
-    envvar=ENV_PREFIX + "TOPICS",
-    help="Topic of run events; repeatable. [default: mlflow-events]",
-)
-@click.option(
-    "--dead-letter-topic",
-    envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
-    help="Dead-letter topic. [default: <topic>.dlq]",
-)
+@_topics_option
+@_dead_letter_option
 @click.option(
     "--partitions",
     type=click.IntRange(min=1),

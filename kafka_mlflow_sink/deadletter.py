@@ -33,6 +33,7 @@ from kafka_mlflow_sink.events import now_ms
 logger = logging.getLogger(__name__)
 
 HEADER_PREFIX = "__connect.errors."
+Header = tuple[str, str | bytes | None]
 FLUSH_TIMEOUT = 30.0
 _SIZE_ERRORS = (KafkaError.MSG_SIZE_TOO_LARGE,)
 
@@ -120,24 +121,9 @@ class DeadLetterWriter:
                 headers.append((HEADER_PREFIX + "value.dropped", f"{size} bytes".encode()))
                 value = None
             try:
-                self._producer.produce(
-                    self.topic,
-                    key=record.key(),
-                    value=value,
-                    headers=headers,
-                    on_delivery=delivered(letter),
-                )
+                self._produce(record.key(), value, headers, delivered(letter))
             except KafkaException as exc:
                 failures.append((letter, exc.args[0]))
-            except BufferError:
-                self._producer.flush(FLUSH_TIMEOUT)
-                self._producer.produce(
-                    self.topic,
-                    key=record.key(),
-                    value=value,
-                    headers=headers,
-                    on_delivery=delivered(letter),
-                )
         left = self._producer.flush(FLUSH_TIMEOUT)
         if left:
             raise DeadLetterError(
@@ -149,6 +135,23 @@ class DeadLetterWriter:
         if others:
             raise DeadLetterError(f"dead-letter topic {self.topic}: {others[0].str()}")
         return too_large
+
+    def _produce(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[Header],
+        on_delivery: Callable[[KafkaError | None, Message], None],
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic, key=key, value=value, headers=headers, on_delivery=on_delivery
+                )
+                return
+            except BufferError:
+                # The local queue is full: let the producer send some before trying again.
+                self._producer.poll(0.5)
 
     def close(self) -> None:
         self._producer.flush(FLUSH_TIMEOUT)
