@@ -53,6 +53,8 @@ MAX_PATH_PART_BYTES = 255  # generous JSON size of one metric point without its 
 RUN_KEY_TAG = "kafka_mlflow_sink.run_key"
 START_UNKNOWN_TAG = "kafka_mlflow_sink.start_unknown"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+# The parent's run key, kept on a child so the parent can find it when it is created later.
+PARENT_KEY_TAG = "kafka_mlflow_sink.parent_run_key"
 RUN_NAME_TAG = "mlflow.runName"
 
 _KEY_PATTERN = re.compile(r"^[/\w.\- :]*$")
@@ -297,7 +299,7 @@ def _check(payload: object, state: RunState) -> str | None:
             if problem:
                 return problem
     elif isinstance(payload, ArtifactLogged):
-        return _check_artifact_path(payload.path)
+        return check_artifact_path(payload.path)
     return None
 
 
@@ -343,7 +345,8 @@ def _check_length(kind: str, key: str, value: str, limit: int) -> str | None:
     return None
 
 
-def _check_artifact_path(path: str) -> str | None:
+def check_artifact_path(path: str) -> str | None:
+    """Why ``path`` cannot be an artifact path, or None."""
     parts = path.split("/")
     if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
         return f"artifact path {path!r} must be relative, without '.', '..' or empty parts"

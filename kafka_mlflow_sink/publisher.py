@@ -48,6 +48,7 @@ from kafka_mlflow_sink.events import (
     now_ms,
 )
 from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
+from kafka_mlflow_sink.plan import check_artifact_path
 
 # Inline artifacts travel inside one Kafka record; the broker's default limit is 1 MiB.
 MAX_ARTIFACT_BYTES = 512 * 1024
@@ -238,7 +239,9 @@ class Publisher:
                 f"artifact {artifact_file!r} has {len(content)} bytes; inline artifacts are "
                 f"limited to {MAX_ARTIFACT_BYTES}"
             )
-        _check_artifact_path(artifact_file)
+        problem = check_artifact_path(artifact_file)
+        if problem:
+            raise ValueError(problem)
         self._send(ArtifactLogged(artifact_file, content))
 
     # -- delivery -----------------------------------------------------------------------
@@ -315,9 +318,3 @@ def _float(key: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metric {key!r} needs a number, got {value!r}") from exc
-
-
-def _check_artifact_path(path: str) -> None:
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"artifact path {path!r} must be relative, without '.', '..' or '//'")

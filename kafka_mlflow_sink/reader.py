@@ -47,8 +47,12 @@ class StartAt:
 def parse_timestamp(text: str) -> int:
     """Epoch milliseconds from ISO 8601 or from epoch milliseconds; seconds are refused."""
     text = text.strip()
+    if not text:
+        raise ConfigError("timestamp is empty; give ISO 8601 with a zone or epoch milliseconds")
     if text.isdigit():
         value = int(text)
+        if value >= 2**63:
+            raise ConfigError(f"timestamp {text} is out of range")
         if value < MIN_EPOCH_MS:
             raise ConfigError(
                 f"timestamp {text} looks like seconds; give epoch milliseconds or ISO 8601"
@@ -60,7 +64,10 @@ def parse_timestamp(text: str) -> int:
         raise ConfigError(f"timestamp {text!r} is neither ISO 8601 nor epoch milliseconds") from exc
     if moment.tzinfo is None:
         raise ConfigError(f"timestamp {text!r} has no time zone; add Z or an offset like +02:00")
-    return int(moment.timestamp() * 1000)
+    value = int(moment.timestamp() * 1000)
+    if value < 0:
+        raise ConfigError(f"timestamp {text!r} is before 1970; Kafka has no records then")
+    return value
 
 
 def parse_offsets(specs: tuple[str, ...]) -> dict[tuple[str, int], int]:
@@ -197,7 +204,10 @@ class TopicReader:
         unknown = set(start_at.offsets) - {(r.topic, r.partition) for r in ranges}
         if unknown:
             topic, partition = sorted(unknown)[0]
-            raise ConfigError(f"offset given for {topic}[{partition}], which does not exist")
+            raise ConfigError(
+                f"offset given for {topic}[{partition}], which is not a partition of the "
+                f"topics replayed ({', '.join(topics)})"
+            )
         return ranges
 
     def _start(self, topic: str, partition: int, low: int, high: int, start_at: StartAt) -> int:

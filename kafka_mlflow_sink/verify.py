@@ -21,7 +21,7 @@ from mlflow.entities import ViewType
 from kafka_mlflow_sink.batch import position
 from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.errors import DecodeError
-from kafka_mlflow_sink.events import ArtifactLogged, MetricPoint
+from kafka_mlflow_sink.events import MetricPoint
 from kafka_mlflow_sink.plan import (
     PARENT_RUN_TAG,
     RUN_KEY_TAG,
@@ -87,7 +87,8 @@ def expected_runs(runs: Iterable[RunEvents]) -> dict[str, RunContent]:
     """What MLflow should hold for each run, folded with the sink's own write plan."""
     expected: dict[str, RunContent] = {}
     for run in runs:
-        state = plan_run(run, RunState()).state
+        writes = plan_run(run, RunState())
+        state = writes.state
         start = run.start
         content = RunContent(
             experiment=run.experiment_name,
@@ -100,10 +101,8 @@ def expected_runs(runs: Iterable[RunEvents]) -> dict[str, RunContent]:
             tags=state.tags,
             points=state.points,
         )
-        for sourced in run.events:
-            payload = sourced.event.payload
-            if isinstance(payload, ArtifactLogged):
-                content.artifacts[payload.path] = payload.content
+        for artifact, _position in writes.artifacts:  # refused ones are not expected
+            content.artifacts[artifact.path] = artifact.content
         if start is None:
             content.tags[START_UNKNOWN_TAG] = "true"
         expected[run.run_key] = content

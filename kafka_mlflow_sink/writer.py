@@ -39,6 +39,7 @@ from kafka_mlflow_sink.errors import (
 )
 from kafka_mlflow_sink.events import MetricPoint, RunStarted
 from kafka_mlflow_sink.plan import (
+    PARENT_KEY_TAG,
     PARENT_RUN_TAG,
     RUN_KEY_TAG,
     RUN_NAME_TAG,
@@ -403,13 +404,17 @@ class MlflowWriter:
     def _create(self, experiment_id: str, run: RunEvents) -> _KnownRun:
         start = run.start
         tags = {RUN_KEY_TAG: run.run_key}
+        parent_key = start.parent_run_key if start else None
         if start is None:
             # Its "run started" event is gone (retention) or still to come: say so.
             tags[START_UNKNOWN_TAG] = "true"
         else:
             tags.update(start.tags)
-            if start.parent_run_key:
-                tags[PARENT_RUN_TAG] = self._parent_run_id(experiment_id, run, start.parent_run_key)
+        if parent_key:
+            tags[PARENT_KEY_TAG] = parent_key
+            parent_id = self._parent_run_id(experiment_id, parent_key)
+            if parent_id is not None:
+                tags[PARENT_RUN_TAG] = parent_id
         created = self._call(
             "create run",
             run.run_key,
@@ -419,17 +424,79 @@ class MlflowWriter:
             tags=tags,
             run_name=run_name(run.run_key, start),
         )
+        run_id = created.info.run_id
         state = RunState(tags=dict(created.data.tags), status=created.info.status)
-        winner = self._settle_creation(experiment_id, run.run_key, created.info.run_id)
+        winner = self._settle_creation(experiment_id, run.run_key, run_id)
         if winner is not None:
             return winner
         logger.info(
             "created MLflow run %s (%s) for run key %s",
-            created.info.run_id,
+            run_id,
             run_name(run.run_key, start),
             run.run_key,
         )
-        return _KnownRun(created.info.run_id, state)
+        self._adopt_children(experiment_id, run.run_key, run_id)
+        if parent_key and PARENT_RUN_TAG not in tags:
+            # The parent may have been created meanwhile, by another instance.
+            self._link_to_parent(experiment_id, parent_key, run_id, state)
+        return _KnownRun(run_id, state)
+
+    def _parent_run_id(self, experiment_id: str, parent_key: str) -> str | None:
+        """The parent's MLflow run id, or None while its "run started" has not been written.
+
+        No stand-in parent is created: it would keep a made-up start time for good, as MLflow
+        cannot change a run's start time. The child waits with its parent's run key instead.
+        """
+        known = self._runs.get(parent_key)
+        if known is not None:
+            return known.run_id
+        try:
+            found = self._find(experiment_id, parent_key)
+        except PermanentWriteError:  # the parent was deleted in MLflow
+            return None
+        if found is not None:
+            self._runs[parent_key] = found
+        return found.run_id if found else None
+
+    def _link_to_parent(
+        self, experiment_id: str, parent_key: str, run_id: str, state: RunState
+    ) -> None:
+        parent_id = self._parent_run_id(experiment_id, parent_key)
+        if parent_id is not None:
+            self._call(
+                "link parent run",
+                parent_key,
+                self.client.set_tag,
+                run_id,
+                PARENT_RUN_TAG,
+                parent_id,
+            )
+            state.tags[PARENT_RUN_TAG] = parent_id
+
+    def _adopt_children(self, experiment_id: str, run_key: str, run_id: str) -> None:
+        """Point the runs waiting for this run as their parent at it."""
+        waiting = self._call(
+            "search child runs",
+            run_key,
+            self.client.search_runs,
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_KEY_TAG}` = '{run_key}'",
+            max_results=1000,
+        )
+        for child in waiting:
+            if PARENT_RUN_TAG in child.data.tags:
+                continue
+            self._call(
+                "link child run",
+                run_key,
+                self.client.set_tag,
+                child.info.run_id,
+                PARENT_RUN_TAG,
+                run_id,
+            )
+            cached = self._runs.get(child.data.tags.get(RUN_KEY_TAG, ""))
+            if cached is not None:
+                cached.state.tags[PARENT_RUN_TAG] = run_id
 
     def _settle_creation(self, experiment_id: str, run_key: str, mine: str) -> _KnownRun | None:
         """After creating a run, make sure it is the only one for its key.
@@ -457,32 +524,6 @@ class MlflowWriter:
             mine,
         )
         return _KnownRun(first.info.run_id, self._read_state(first, run_key))
-
-    def _parent_run_id(self, experiment_id: str, run: RunEvents, parent_key: str) -> str:
-        """The parent's MLflow run id; a placeholder run when its start has not arrived."""
-        placeholder = RunEvents(parent_key, run.experiment_name, [])
-        parent = self._runs.get(parent_key) or self._find(experiment_id, parent_key)
-        if parent is None:
-            parent = self._create_placeholder(experiment_id, placeholder, run)
-        self._runs[parent_key] = parent
-        return parent.run_id
-
-    def _create_placeholder(
-        self, experiment_id: str, parent: RunEvents, child: RunEvents
-    ) -> _KnownRun:
-        tags = {RUN_KEY_TAG: parent.run_key, START_UNKNOWN_TAG: "true"}
-        created = self._call(
-            "create parent run",
-            child.run_key,
-            self.client.create_run,
-            experiment_id,
-            start_time=child.first_created_at,
-            tags=tags,
-            run_name=parent.run_key,
-        )
-        return _KnownRun(
-            created.info.run_id, RunState(tags=dict(created.data.tags), status=created.info.status)
-        )
 
     def _complete_start(self, known: _KnownRun, run: RunEvents) -> None:
         """Give a run created before its "run started" arrived the name and marks it lacked."""

@@ -194,3 +194,30 @@ def test_missing_topic_and_unreachable_mlflow_are_one_line_each(
 )
 def test_commits_are_retried_only_while_the_coordinator_moves(code: int, retriable: bool) -> None:
     assert _commit_retriable(KafkaException(KafkaError(code))) is retriable
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("1700000000", "looks like seconds"),
+        ("99999999999999999999", "out of range"),
+        ("1960-01-01T00:00:00Z", "before 1970"),
+        ("2026-01-01T00:00:00", "no time zone"),
+        ("yesterday", "neither ISO 8601"),
+    ],
+)
+def test_replay_start_times_that_cannot_be_meant_are_refused(text: str, message: str) -> None:
+    from kafka_mlflow_sink.errors import ConfigError
+    from kafka_mlflow_sink.reader import parse_timestamp
+
+    with pytest.raises(ConfigError, match=message):
+        parse_timestamp(text)
+
+
+def test_replay_start_times_are_read_as_milliseconds() -> None:
+    from kafka_mlflow_sink.reader import parse_timestamp
+
+    assert parse_timestamp("2026-12-03T00:00:00Z") == 1_796_256_000_000
+    assert parse_timestamp("2026-12-03T01:00:00+01:00") == 1_796_256_000_000
+    assert parse_timestamp("1796256000000") == 1_796_256_000_000

@@ -283,7 +283,7 @@ def test_replay_from_offsets_reads_only_the_named_partitions(
         "--from-offsets",
         f"{events}:9=0",
     )
-    assert bad.returncode == 2 and f"{events}[9], which does not exist" in bad.stderr
+    assert bad.returncode == 2 and f"{events}[9], which is not a partition" in bad.stderr
 
 
 def test_replay_with_follow_keeps_writing_until_stopped(

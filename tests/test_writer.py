@@ -122,3 +122,23 @@ def test_verify_reports_a_run_key_held_by_two_runs(store: str) -> None:
     expected = expected_runs(group_by_run(events))
     report = differences(expected, read_mlflow(writer.client, expected))
     assert report == {"k": ["2 MLflow runs carry this run key; expected one"]}
+
+
+def test_a_child_written_before_its_parent_is_linked_when_the_parent_arrives(store: str) -> None:
+    from kafka_mlflow_sink.verify import differences, expected_runs, read_mlflow
+
+    child = batch(RunStarted(2000, "child", parent_run_key="p"), key="c")
+    parent = batch(RunStarted(1000, "parent"), RunFinished("FINISHED", 3000), key="p", first=1)
+    writer = MlflowWriter(store)
+    writer.apply(group_by_run(child))  # the parent's partition lags behind
+    (only,) = writer.client.search_runs(["1"])
+    assert "mlflow.parentRunId" not in only.data.tags
+
+    writer.apply(group_by_run(parent))
+    runs = {r.info.run_name: r for r in writer.client.search_runs(["1"])}
+    assert sorted(runs) == ["child", "parent"]  # no stand-in parent
+    assert runs["parent"].info.start_time == 1000
+    assert runs["child"].data.tags["mlflow.parentRunId"] == runs["parent"].info.run_id
+
+    expected = expected_runs(group_by_run(child + parent))
+    assert differences(expected, read_mlflow(writer.client, expected)) == {}
