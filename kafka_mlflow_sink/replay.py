@@ -32,7 +32,7 @@ from kafka_mlflow_sink.batch import BatchApplier, SinkStats
 from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.deadletter import DeadLetterWriter
-from kafka_mlflow_sink.errors import SinkError
+from kafka_mlflow_sink.errors import Abandoned, SinkError
 from kafka_mlflow_sink.reader import StartAt, TopicReader
 from kafka_mlflow_sink.writer import MlflowWriter
 
@@ -137,7 +137,7 @@ class Replay:
                 progress.update(self.stats, reader)
                 if self._stop.is_set():
                     break
-        except ReplayInterrupted:
+        except (ReplayInterrupted, Abandoned):
             pass
         finally:
             progress.close()
@@ -158,7 +158,12 @@ class Replay:
             before_sleep=_log_retry,
             reraise=True,
         )
-        self.stats.dead_lettered += int(retrying(self._applier.apply, batch))
+        self.stats.dead_lettered += int(retrying(self._applier.apply, batch, self._check_stop))
+
+    def _check_stop(self) -> None:
+        """Between MLflow calls: a stop ends the batch now rather than after it."""
+        if self._stop.is_set():
+            raise Abandoned("stop requested")
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
