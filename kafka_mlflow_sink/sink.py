@@ -111,6 +111,7 @@ class Sink:
         self._last_poll = time.monotonic()
         self._waiting_since = self._last_wait_report = 0.0
         self._carry: list[Message] = []
+        self._committed: dict[tuple[str, int], int] = {}
         self._consumer = Consumer(config.consumer_settings())
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -130,6 +131,8 @@ class Sink:
                 records = self._poll()
                 if records:
                     self._handle(records)
+                elif not self._carry:
+                    self._commit_skipped_markers()
                 if time.monotonic() - window[0] >= self.config.stats_interval:
                     window = self._report_progress(window)
         finally:
@@ -249,18 +252,35 @@ class Sink:
             try:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:
-                logger.warning(
-                    "cannot rewind %s[%d] to %d (%s); the batch is redone after a restart",
-                    topic,
-                    partition,
-                    offset,
-                    describe_kafka_error(exc),
-                )
-                continue
+                (now,) = self._consumer.position([TopicPartition(topic, partition)])
+                if now.offset < 0 or now.offset <= offset:
+                    continue  # newly assigned: it starts from the committed offset anyway
+                # Its position is past records never written, and any later commit would
+                # skip them: stop, so that a restart resumes from the committed offsets.
+                raise SinkError(
+                    f"cannot rewind {topic}[{partition}] to {offset} after an abandoned batch "
+                    f"({describe_kafka_error(exc)}); stopped so a restart resumes from the "
+                    "committed offsets"
+                ) from exc
             self._carry = [
                 m for m in self._carry if (m.topic(), m.partition()) != (topic, partition)
             ]
         self._resume_all()
+
+    def _commit_skipped_markers(self) -> None:
+        """After an empty poll, commit positions that moved past records the sink never sees.
+
+        Transaction markers and aborted records occupy offsets but are never returned, so a
+        log ending in one would show lag for ever. An empty poll with nothing carried means
+        every record below each position was handed to the sink and committed already.
+        """
+        ahead = []
+        for tp in self._consumer.position(self._consumer.assignment()):
+            key = (tp.topic, tp.partition)
+            if tp.offset >= 0 and key in self._committed and tp.offset > self._committed[key]:
+                ahead.append(TopicPartition(tp.topic, tp.partition, tp.offset))
+        if ahead:
+            self._commit_offsets(ahead)
 
     def _commit(self, records: Sequence[Message]) -> None:
         """Commit past the batch. Runs only after MLflow accepted every record of it and the
@@ -270,7 +290,9 @@ class Sink:
             where = position(msg)
             tp = (where.topic, where.partition)
             offsets[tp] = max(offsets.get(tp, -1), where.offset + 1)
-        commit = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        self._commit_offsets([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+
+    def _commit_offsets(self, commit: list[TopicPartition]) -> None:
         try:
             for attempt in Retrying(**COMMIT_RETRY):
                 with attempt:
@@ -281,7 +303,11 @@ class Sink:
                 "commit failed (%s); the records will be delivered again", describe_kafka_error(exc)
             )
             return
-        logger.debug("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in offsets.items()))
+        for tp in commit:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+        logger.debug(
+            "committed %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in commit)
+        )
 
     # -- waiting for MLflow -------------------------------------------------------------
 
@@ -364,6 +390,14 @@ class Sink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("partitions assigned: %s", _names(partitions))
+        try:
+            committed = consumer.committed(partitions, timeout=10)
+        except KafkaException as exc:
+            logger.debug("committed offsets unknown (%s)", describe_kafka_error(exc))
+            return
+        for tp in committed:
+            if tp.offset >= 0:
+                self._committed[(tp.topic, tp.partition)] = tp.offset
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Everything written was committed before the next poll, so nothing written is lost

@@ -10,7 +10,9 @@ from confluent_kafka import Producer
 from localstack import KafkaBroker, MlflowServer, create_topic
 
 from kafka_mlflow_sink import Publisher
+from kafka_mlflow_sink.codec import BareCodec
 from kafka_mlflow_sink.deadletter import HEADER_PREFIX
+from kafka_mlflow_sink.events import RunEvent, RunFinished, RunStarted
 from tests.support import (
     SinkProcess,
     assert_mlflow_holds,
@@ -130,4 +132,43 @@ def test_a_broker_restart_while_the_sink_runs_loses_nothing(
     wait_for_zero_lag(bootstrap, events, "restart", sink, timeout=120)
     truth = topic_runs(bootstrap, events)
     assert len(truth) == 6
+    assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
+
+
+def test_a_topic_ending_in_transaction_markers_reaches_zero_lag(
+    kafka_bootstrap_servers: str,
+    mlflow_tracking_uri: str,
+    topic: Callable[..., str],
+    start_sink: Callable[..., SinkProcess],
+) -> None:
+    events = topic()
+    codec = BareCodec()
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka_bootstrap_servers,
+            "transactional.id": f"tx-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    producer.init_transactions(30)
+    for abort in (False, True):
+        producer.begin_transaction()
+        key = uuid.uuid4().hex
+        for payload in (RunStarted(1000, "tx"), RunFinished("FINISHED", 2000)):
+            producer.produce(
+                events, key=key, value=codec.encode(RunEvent(key, "faults", payload), events)
+            )
+        producer.flush(10)
+        if abort:
+            producer.abort_transaction(30)
+        else:
+            producer.commit_transaction(30)
+    # The log now ends with an abort marker the sink never sees as a record.
+    sink = start_sink(
+        *sink_args(kafka_bootstrap_servers, events, "tx", mlflow_tracking_uri),
+        "--kafka",
+        "isolation.level=read_committed",
+    )
+    (row,) = wait_for_zero_lag(kafka_bootstrap_servers, events, "tx", sink)
+    assert row.end == 6 and row.committed == 6  # 2 + marker, 2 aborted + marker
+    truth = topic_runs(kafka_bootstrap_servers, events)
     assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
