@@ -91,16 +91,19 @@ def test_replay_into_an_empty_mlflow_rebuilds_the_same_history_and_twice_changes
     sink = start_sink(*sink_args(kafka_bootstrap_servers, events, "live", mlflow_tracking_uri))
     wait_for_zero_lag(kafka_bootstrap_servers, events, "live", sink)
 
-    replayed = cli(
-        "replay",
-        "-b",
-        kafka_bootstrap_servers,
-        "-t",
-        events,
-        "--no-progress",
-        "--tracking-uri",
-        mlflow_server.tracking_uri,
-    )
+    def replay_into_b() -> subprocess.CompletedProcess[str]:
+        return cli(
+            "replay",
+            "-b",
+            kafka_bootstrap_servers,
+            "-t",
+            events,
+            "--no-progress",
+            "--tracking-uri",
+            mlflow_server.tracking_uri,
+        )
+
+    replayed = replay_into_b()
     assert replayed.returncode == 0, replayed.stderr
     assert "replay complete: 141 records, 6 runs created, 0 found" in replayed.stderr
 
@@ -122,16 +125,7 @@ def test_replay_into_an_empty_mlflow_rebuilds_the_same_history_and_twice_changes
 
     before = counts(mlflow_server.tracking_uri, experiment)
     assert before == (6, 6, 3 * 80 + 2 + 1, 3)
-    again = cli(
-        "replay",
-        "-b",
-        kafka_bootstrap_servers,
-        "-t",
-        events,
-        "--no-progress",
-        "--tracking-uri",
-        mlflow_server.tracking_uri,
-    )
+    again = replay_into_b()
     assert again.returncode == 0, again.stderr
     assert "0 runs created, 6 found, 0 metric points written" in again.stderr
     assert counts(mlflow_server.tracking_uri, experiment) == before
