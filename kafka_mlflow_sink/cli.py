@@ -22,7 +22,8 @@ from confluent_kafka import KafkaError, KafkaException
 
 from kafka_mlflow_sink import __version__
 from kafka_mlflow_sink.config import SinkConfig, parse_pairs, redact_uri, to_toml
-from kafka_mlflow_sink.errors import ConfigError, SinkError
+from kafka_mlflow_sink.errors import ConfigError, SinkError, first_line
+from kafka_mlflow_sink.kafkalog import describe_kafka_error
 
 logger = logging.getLogger("kafka_mlflow_sink")
 
@@ -377,16 +378,15 @@ def _guard(action: Callable[[], T]) -> T:
     except SinkError as exc:
         _fail(redact_uri(str(exc)), EXIT_UNAVAILABLE)
     except KafkaException as exc:
+        text = describe_kafka_error(exc)
         err = exc.args[0] if exc.args else None
-        text = err.str() if isinstance(err, KafkaError) else str(exc)
         if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
             _fail(f"configuration: Kafka setting refused: {text}", EXIT_CONFIG)
         _fail(f"Kafka: {text}", EXIT_UNAVAILABLE)
     except Exception as exc:
         logger.debug("unexpected error", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(
-            f"unexpected {type(exc).__name__}: {redact_uri(first)[:300]} "
+            f"unexpected {type(exc).__name__}: {redact_uri(first_line(exc))[:300]} "
             "(--log-level debug shows where)",
             EXIT_UNEXPECTED,
         )

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 import fastavro
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from kafka_mlflow_sink.errors import ConfigError, DecodeError
+from kafka_mlflow_sink.errors import ConfigError, DecodeError, describe
 from kafka_mlflow_sink.events import RunEvent, from_record, to_record
 
 Framing = Literal["bare", "registry"]
@@ -63,7 +63,7 @@ class BareCodec:
         try:
             record = fastavro.schemaless_reader(buffer, parsed_schema(), parsed_schema())
         except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, ...
-            raise DecodeError(f"not a bare Avro run event: {_describe(exc)}") from exc
+            raise DecodeError(f"not a bare Avro run event: {describe(exc)}") from exc
         if buffer.tell() != len(value):
             extra = len(value) - buffer.tell()
             raise DecodeError(f"bare Avro run event followed by {extra} unexpected bytes")
@@ -92,7 +92,7 @@ class RegistryCodec:
                     {"url": registry_url, **(registry_config or {})}
                 )
             except Exception as exc:
-                raise ConfigError(f"invalid Schema Registry settings: {_describe(exc)}") from exc
+                raise ConfigError(f"invalid Schema Registry settings: {describe(exc)}") from exc
         self.client = client
         self._serializer = AvroSerializer(
             client, schema_text(), conf={"auto.register.schemas": True}
@@ -113,7 +113,7 @@ class RegistryCodec:
         try:
             record = self._deserializer(value, SerializationContext(topic, MessageField.VALUE))
         except Exception as exc:  # SerializationError, registry lookups, fastavro errors
-            raise DecodeError(f"not a registry-framed run event: {_describe(exc)}") from exc
+            raise DecodeError(f"not a registry-framed run event: {describe(exc)}") from exc
         if not isinstance(record, dict):
             raise DecodeError("registry-framed value is not a record")
         return from_record(record)
@@ -128,8 +128,3 @@ def make_codec(framing: str, registry_url: str | None = None) -> Codec:
             raise ConfigError("framing 'registry' needs a Schema Registry URL")
         return RegistryCodec(registry_url)
     raise ConfigError(f"unknown framing {framing!r}; expected 'bare' or 'registry'")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

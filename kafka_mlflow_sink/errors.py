@@ -70,3 +70,15 @@ class Abandoned(SinkError):
 
     Nothing of it is committed; whoever reads those partitions next writes it again.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or "" when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, for one-line error messages."""
+    text = first_line(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

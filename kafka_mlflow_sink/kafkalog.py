@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
 
 REPEAT_WINDOW = 60.0
 _NUMBERS = re.compile(r"\d+")
@@ -46,3 +49,9 @@ LIBRDKAFKA_LOGGER.addFilter(RepeatFilter())
 QUIET_LOGGER = logging.getLogger("kafka_mlflow_sink.librdkafka.checks")
 QUIET_LOGGER.addHandler(logging.NullHandler())
 QUIET_LOGGER.propagate = False
+
+
+def describe_kafka_error(exc: KafkaException | KafkaError | Any) -> str:
+    """One readable line for a Kafka error."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    return err.str() if isinstance(err, KafkaError) else str(err)

@@ -8,7 +8,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.errors import SinkError
-from kafka_mlflow_sink.kafkalog import QUIET_LOGGER
+from kafka_mlflow_sink.kafkalog import QUIET_LOGGER, describe_kafka_error
 
 CHECK_TIMEOUT = 10.0
 
@@ -43,7 +43,7 @@ def check_kafka(config: SinkConfig) -> None:
     except KafkaException as exc:
         raise KafkaUnavailable(
             f"cannot reach Kafka at {config.bootstrap_servers} within {CHECK_TIMEOUT:.0f}s "
-            f"({exc.args[0].str() if exc.args else exc})"
+            f"({describe_kafka_error(exc)})"
         ) from exc
     finally:
         consumer.close()
@@ -75,8 +75,7 @@ def group_lag(config: SinkConfig) -> list[PartitionLag]:
         return rows
     except KafkaException as exc:
         raise KafkaUnavailable(
-            f"cannot read offsets from {config.bootstrap_servers}: "
-            f"{exc.args[0].str() if exc.args else exc}"
+            f"cannot read offsets from {config.bootstrap_servers}: {describe_kafka_error(exc)}"
         ) from exc
     finally:
         consumer.close()

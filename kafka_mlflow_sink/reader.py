@@ -16,6 +16,7 @@ from datetime import datetime
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from kafka_mlflow_sink.errors import ConfigError, SinkError
+from kafka_mlflow_sink.kafkalog import describe_kafka_error
 
 WATERMARK_TIMEOUT = 10.0
 # Integers below this are seconds or a typo, not epoch milliseconds (it is 2001-09-09 in ms).
@@ -188,9 +189,7 @@ class TopicReader:
         try:
             metadata = self._consumer.list_topics(timeout=WATERMARK_TIMEOUT)
         except KafkaException as exc:
-            raise ReadError(
-                f"cannot reach Kafka: {exc.args[0].str() if exc.args else exc}"
-            ) from exc
+            raise ReadError(f"cannot reach Kafka: {describe_kafka_error(exc)}") from exc
         ranges: list[PartitionRange] = []
         for topic in topics:
             if topic not in metadata.topics:

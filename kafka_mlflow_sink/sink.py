@@ -46,7 +46,7 @@ from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.deadletter import DeadLetterWriter
 from kafka_mlflow_sink.errors import Abandoned, SinkError, TransientWriteError
-from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
+from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER, describe_kafka_error
 from kafka_mlflow_sink.writer import MlflowWriter
 
 logger = logging.getLogger(__name__)
@@ -410,9 +410,3 @@ class Sink:
 
 def _names(partitions: Sequence[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "none"
-
-
-def describe_kafka_error(exc: KafkaException | KafkaError | Any) -> str:
-    """One readable line for a Kafka error."""
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
-    return err.str() if isinstance(err, KafkaError) else str(err)

@@ -36,6 +36,7 @@ from kafka_mlflow_sink.errors import (
     SinkError,
     TransientWriteError,
     WriteError,
+    first_line,
 )
 from kafka_mlflow_sink.events import MetricPoint, RunStarted
 from kafka_mlflow_sink.plan import (
@@ -144,8 +145,8 @@ class MlflowWriter:
             self.client = MlflowClient(tracking_uri=tracking_uri)
         except Exception as exc:
             uri = redact_uri(tracking_uri or "(MLflow's default)")
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"tracking URI {uri} is not usable: {first[:200]}") from exc
+            reason = first_line(exc) or type(exc).__name__
+            raise ConfigError(f"tracking URI {uri} is not usable: {reason[:200]}") from exc
         self._experiments: dict[str, str] = {}
         self._runs: LRUCache[str, _KnownRun] = LRUCache(maxsize=max_cached_runs)
         self._between: Callable[[], None] = lambda: None
