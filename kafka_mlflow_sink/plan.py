@@ -22,6 +22,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from kafka_mlflow_sink.events import (
@@ -90,11 +91,12 @@ class RunEvents:
     experiment_name: str
     events: list[SourcedEvent] = field(default_factory=list)
 
-    @property
+    @cached_property
     def start(self) -> RunStarted | None:
         """The first "run started" event MLflow would accept, if the batch has one.
 
         A refused one is dead-lettered, so nothing of it (name, time, tags) may be written.
+        Read only once ``events`` is complete (``group_by_run`` fills it first).
         """
         for sourced in self.events:
             payload = sourced.event.payload

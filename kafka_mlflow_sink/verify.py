@@ -35,7 +35,7 @@ from kafka_mlflow_sink.plan import (
     point_id,
 )
 from kafka_mlflow_sink.reader import StartAt, TopicReader
-from kafka_mlflow_sink.writer import run_name
+from kafka_mlflow_sink.writer import creation_order, run_name
 
 
 @dataclass
@@ -140,7 +140,7 @@ def _find(client: MlflowClient, experiment: str, key: str) -> list[Any]:
         run_view_type=ViewType.ACTIVE_ONLY,
         max_results=10,
     )
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    return sorted(runs, key=creation_order)
 
 
 def _content(

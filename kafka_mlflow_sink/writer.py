@@ -359,7 +359,7 @@ class MlflowWriter:
 
     def _find(self, experiment_id: str, run_key: str) -> _KnownRun | None:
         runs = self._search(experiment_id, run_key)
-        active = [r for r in runs if r.info.lifecycle_stage != "deleted"]
+        active = _active(runs)
         if runs and not active:
             raise PermanentWriteError(f"run {run_key} is deleted in MLflow", run_key)
         if not active:
@@ -368,7 +368,7 @@ class MlflowWriter:
             logger.warning(
                 "run key %s has %d MLflow runs; writing to the first created", run_key, len(active)
             )
-        first = min(active, key=_creation_order)
+        first = min(active, key=creation_order)
         return _KnownRun(first.info.run_id, self._read_state(first, run_key))
 
     def _search(self, experiment_id: str, run_key: str) -> list[Any]:
@@ -509,12 +509,10 @@ class MlflowWriter:
         Returns:
             The run to use instead of ``mine``, or None to keep ``mine``.
         """
-        active = [
-            r for r in self._search(experiment_id, run_key) if r.info.lifecycle_stage != "deleted"
-        ]
+        active = _active(self._search(experiment_id, run_key))
         if len(active) < 2:
             return None
-        first = min(active, key=_creation_order)
+        first = min(active, key=creation_order)
         if first.info.run_id == mine:
             return None
         self._call("delete duplicate run", run_key, self.client.delete_run, mine)
@@ -541,7 +539,11 @@ class MlflowWriter:
         del known.state.tags[START_UNKNOWN_TAG]
 
 
-def _creation_order(run: Any) -> tuple[int, str]:
+def _active(runs: list[Any]) -> list[Any]:
+    return [r for r in runs if r.info.lifecycle_stage != "deleted"]
+
+
+def creation_order(run: Any) -> tuple[int, str]:
     """Orders the runs of one key the same way for every writer: oldest, then by id."""
     return (run.info.start_time or 0, run.info.run_id)
 
