@@ -310,7 +310,7 @@ def verify(
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
 
     _setup_logging(log_level)
-    _mlflow_fail_fast()
+    _mlflow_environment()
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
     _refuse_missing_sqlite(config.tracking_uri)
     codec = _guard(lambda: make_codec(config.framing, config.schema_registry_url))
@@ -442,7 +442,7 @@ def _refuse_missing_sqlite(tracking_uri: str | None) -> None:
         _fail(f"no MLflow store at {uri}", EXIT_UNAVAILABLE)
 
 
-def _mlflow_fail_fast() -> None:
+def _mlflow_environment() -> None:
     # MLflow's HTTP client retries 429/5xx up to 7 times with long backoff by default; the
     # sink retries whole batches itself, so let each call fail fast instead of stacking.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -471,7 +471,7 @@ def _run_replay(
     retry_limit: float,
     progress: bool | None,
 ) -> Any:
-    _mlflow_fail_fast()
+    _mlflow_environment()
     from kafka_mlflow_sink.codec import make_codec
     from kafka_mlflow_sink.replay import Replay
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
@@ -493,7 +493,7 @@ def _run_replay(
 
 
 def _run_sink(config: SinkConfig) -> None:
-    _mlflow_fail_fast()
+    _mlflow_environment()
     from kafka_mlflow_sink.codec import make_codec
     from kafka_mlflow_sink.offsets import check_kafka
     from kafka_mlflow_sink.sink import Sink

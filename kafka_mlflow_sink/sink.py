@@ -112,6 +112,7 @@ class Sink:
         self._waiting_since = self._last_wait_report = 0.0
         self._carry: list[Message] = []
         self._committed: dict[tuple[str, int], int] = {}
+        self._failpoint = os.environ.get(FAILPOINT_ENV)
         self._consumer = Consumer(config.consumer_settings())
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -180,7 +181,7 @@ class Sink:
             logger.info("batch of %d records abandoned uncommitted: %s", len(records), why)
             self._rewind(records)
             return
-        if os.environ.get(FAILPOINT_ENV) == "before-commit":
+        if self._failpoint == "before-commit":
             # Test hook: die as if killed after MLflow accepted the batch, before the commit.
             os.kill(os.getpid(), signal.SIGKILL)
         self._commit(records)
