@@ -4,10 +4,14 @@
   this package. No registry is needed; producer and sink must agree on the schema version.
 * ``registry``: the Confluent wire format (magic byte 0, a 4-byte schema id, then Avro
   binary). confluent-kafka's serializer registers the writer schema under the subject
-  ``<topic>-value``; its deserializer fetches the writer schema by id and resolves it against
-  the bundled reader schema, so older and newer producers keep working.
+  ``<topic>-value``. Decoding fetches the writer schema by id through confluent-kafka's
+  registry client (which caches it) and resolves it against the bundled reader schema, so
+  older and newer producers keep working. The body is read here rather than by the library's
+  deserializer so that bytes left over after the event are noticed, as in bare framing.
 
 Any record that cannot be turned into a ``RunEvent`` raises ``DecodeError`` with the reason.
+A registry that cannot be asked (down, 5xx) raises ``RegistryUnavailable`` instead: that is a
+moment, not the record, and the sink waits for it rather than dead-lettering.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Literal, Protocol
 import fastavro
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from kafka_mlflow_sink.errors import ConfigError, DecodeError, describe
+from kafka_mlflow_sink.errors import ConfigError, DecodeError, RegistryUnavailable, describe
 from kafka_mlflow_sink.events import RunEvent, from_record, to_record
 
 Framing = Literal["bare", "registry"]
@@ -84,7 +88,7 @@ class RegistryCodec:
         """Use the registry at ``registry_url``, or an existing ``client`` to share one."""
         # Imported here: the registry client pulls in an HTTP stack that bare framing never needs.
         from confluent_kafka.schema_registry import SchemaRegistryClient
-        from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+        from confluent_kafka.schema_registry.avro import AvroSerializer
 
         if client is None:
             try:
@@ -97,7 +101,7 @@ class RegistryCodec:
         self._serializer = AvroSerializer(
             client, schema_text(), conf={"auto.register.schemas": True}
         )
-        self._deserializer = AvroDeserializer(client, schema_text())
+        self._writer_schemas: dict[int, Any] = {}
 
     def encode(self, event: RunEvent, topic: str) -> bytes:
         ctx = SerializationContext(topic, MessageField.VALUE)
@@ -110,13 +114,56 @@ class RegistryCodec:
             raise DecodeError("record has no value (a tombstone); run events are never null")
         if value[:1] != b"\x00":
             raise DecodeError("not in the Schema Registry wire format: first byte is not 0x00")
+        if len(value) < 5:
+            raise DecodeError(f"Schema Registry frame of {len(value)} bytes has no schema id")
+        schema_id = int.from_bytes(value[1:5], "big")
+        buffer = io.BytesIO(value)
+        buffer.seek(5)
         try:
-            record = self._deserializer(value, SerializationContext(topic, MessageField.VALUE))
-        except Exception as exc:  # SerializationError, registry lookups, fastavro errors
-            raise DecodeError(f"not a registry-framed run event: {describe(exc)}") from exc
+            record = fastavro.schemaless_reader(
+                buffer, self._writer_schema(schema_id), parsed_schema()
+            )
+        except (DecodeError, RegistryUnavailable):
+            raise
+        except Exception as exc:  # fastavro raises EOFError, ValueError, SchemaResolutionError...
+            raise DecodeError(
+                f"not a registry-framed run event (schema id {schema_id}): {describe(exc)}"
+            ) from exc
+        if buffer.tell() != len(value):
+            extra = len(value) - buffer.tell()
+            raise DecodeError(f"registry-framed run event followed by {extra} unexpected bytes")
         if not isinstance(record, dict):
             raise DecodeError("registry-framed value is not a record")
         return from_record(record)
+
+    def _writer_schema(self, schema_id: int) -> Any:
+        """The parsed schema a producer wrote with, fetched once per id."""
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        parsed = self._writer_schemas.get(schema_id)
+        if parsed is not None:
+            return parsed
+        try:
+            schema = self.client.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                raise DecodeError(
+                    f"schema id {schema_id} is unknown to the Schema Registry"
+                ) from exc
+            if exc.http_status_code >= 500 or exc.http_status_code in (408, 429):
+                raise RegistryUnavailable(f"Schema Registry answers {describe(exc)}") from exc
+            raise DecodeError(f"schema id {schema_id} cannot be fetched: {describe(exc)}") from exc
+        except Exception as exc:  # connection refused, timeouts, DNS
+            raise RegistryUnavailable(f"Schema Registry unreachable: {describe(exc)}") from exc
+        if (schema.schema_type or "AVRO") != "AVRO":
+            raise DecodeError(f"schema id {schema_id} is {schema.schema_type}, not Avro")
+        try:
+            parsed = fastavro.parse_schema(json.loads(schema.schema_str))
+        except Exception as exc:
+            reason = f"schema id {schema_id} is not a usable Avro schema: {describe(exc)}"
+            raise DecodeError(reason) from exc
+        self._writer_schemas[schema_id] = parsed
+        return parsed
 
 
 def make_codec(framing: str, registry_url: str | None = None) -> Codec:

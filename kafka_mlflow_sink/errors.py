@@ -6,6 +6,7 @@
     ├── ConfigError              bad configuration; the CLI prints one line and exits 2
     ├── PublishError             the Publisher could not deliver events to Kafka
     ├── DecodeError              a record's bytes are not a valid run event (permanent)
+    ├── RegistryUnavailable      the Schema Registry cannot be asked now (retried)
     ├── Abandoned                the batch in flight is dropped uncommitted (stop, rebalance)
     └── WriteError               MLflow refused or failed a write
         ├── TransientWriteError  worth retrying: MLflow down, slow, throttling, locked
@@ -36,6 +37,12 @@ class DecodeError(SinkError):
     """A record cannot be decoded into a run event; retrying will not change that."""
 
 
+class RegistryUnavailable(SinkError):
+    """The Schema Registry did not answer a schema lookup; the record may well be fine."""
+
+    retriable = True
+
+
 class WriteError(SinkError):
     """MLflow did not accept a write.
 
@@ -59,6 +66,7 @@ class TransientWriteError(WriteError):
 
     retriable = True
     ambiguous = False
+    retry_after: float | None = None  # seconds MLflow asked the sink to wait (Retry-After)
 
 
 class PermanentWriteError(WriteError):

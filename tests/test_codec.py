@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from kafka_mlflow_sink.codec import BareCodec, Codec, RegistryCodec, make_codec, schema_text
-from kafka_mlflow_sink.errors import ConfigError, DecodeError
+from kafka_mlflow_sink.errors import ConfigError, DecodeError, RegistryUnavailable
 from kafka_mlflow_sink.events import (
     ArtifactLogged,
     MetricPoint,
@@ -115,8 +115,27 @@ def test_registry_codec_refuses_bare_records_and_unknown_schema_ids() -> None:
     with pytest.raises(DecodeError):
         codec.decode(bare, TOPIC)
     unknown_id = b"\x00" + (424242).to_bytes(4, "big") + bare
-    with pytest.raises(DecodeError, match="not a registry-framed run event"):
+    with pytest.raises(DecodeError, match="schema id 424242 is unknown to the Schema Registry"):
         codec.decode(unknown_id, TOPIC)
+    with pytest.raises(DecodeError, match="has no schema id"):
+        codec.decode(b"\x00\x00\x01", TOPIC)
+
+
+def test_registry_codec_refuses_truncated_and_padded_frames() -> None:
+    codec = RegistryCodec(f"mock://{uuid.uuid4().hex}")
+    framed = codec.encode(RunEvent("r", "e", PAYLOADS["metrics"]), TOPIC)
+    assert codec.decode(framed, TOPIC).run_key == "r"
+    with pytest.raises(DecodeError, match="not a registry-framed run event"):
+        codec.decode(framed[:-3], TOPIC)
+    with pytest.raises(DecodeError, match="followed by 4 unexpected bytes"):
+        codec.decode(framed + b"junk", TOPIC)
+
+
+def test_an_unreachable_registry_is_a_wait_not_a_bad_record() -> None:
+    codec = RegistryCodec("http://127.0.0.1:1")
+    with pytest.raises(RegistryUnavailable, match="Schema Registry unreachable") as caught:
+        codec.decode(b"\x00\x00\x00\x00\x07" + b"\x02", TOPIC)
+    assert caught.value.retriable
 
 
 def test_bare_codec_refuses_registry_frames() -> None:
