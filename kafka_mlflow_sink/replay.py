@@ -25,7 +25,6 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_delay,
-    wait_random_exponential,
 )
 
 from kafka_mlflow_sink.batch import BatchApplier, SinkStats
@@ -34,6 +33,7 @@ from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.deadletter import DeadLetterWriter
 from kafka_mlflow_sink.errors import Abandoned, SinkError
 from kafka_mlflow_sink.reader import StartAt, TopicReader
+from kafka_mlflow_sink.throttle import backoff
 from kafka_mlflow_sink.writer import MlflowWriter
 
 logger = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ class Replay:
     def _apply(self, batch: list[Message]) -> None:
         retrying = Retrying(
             retry=retry_if_exception(lambda e: isinstance(e, SinkError) and e.retriable),
-            wait=wait_random_exponential(
-                multiplier=self.config.retry_initial_wait, max=self.config.retry_max_wait
-            ),
+            wait=backoff(self.config.retry_initial_wait, self.config.retry_max_wait),
             stop=stop_after_delay(self.retry_limit),
             sleep=self._sleep,
             before_sleep=_log_retry,

@@ -38,15 +38,20 @@ from tenacity import (
     stop_after_attempt,
     stop_never,
     wait_exponential,
-    wait_random_exponential,
 )
 
 from kafka_mlflow_sink.batch import BatchApplier, SinkStats, position
 from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.deadletter import DeadLetterWriter
-from kafka_mlflow_sink.errors import Abandoned, SinkError, TransientWriteError
+from kafka_mlflow_sink.errors import (
+    Abandoned,
+    RegistryUnavailable,
+    SinkError,
+    TransientWriteError,
+)
 from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER, describe_kafka_error
+from kafka_mlflow_sink.throttle import backoff
 from kafka_mlflow_sink.writer import MlflowWriter
 
 logger = logging.getLogger(__name__)
@@ -110,6 +115,7 @@ class Sink:
         self._paused = False
         self._last_poll = time.monotonic()
         self._waiting_since = self._last_wait_report = 0.0
+        self._waiting_for = "MLflow"
         self._carry: list[Message] = []
         self._committed: dict[tuple[str, int], int] = {}
         self._failpoint = os.environ.get(FAILPOINT_ENV)
@@ -197,9 +203,7 @@ class Sink:
         """
         retrying = Retrying(
             retry=retry_if_exception(lambda exc: isinstance(exc, SinkError) and exc.retriable),
-            wait=wait_random_exponential(
-                multiplier=self.config.retry_initial_wait, max=self.config.retry_max_wait
-            ),
+            wait=backoff(self.config.retry_initial_wait, self.config.retry_max_wait),
             stop=stop_never,
             sleep=self._wait_polling,
             before_sleep=self._on_retry,
@@ -215,7 +219,9 @@ class Sink:
         if self._paused:
             attempts = retrying.statistics.get("attempt_number", 0)
             logger.info(
-                "MLflow accepts writes again after %s attempts; partitions resumed", attempts
+                "%s answers again after %s attempts; partitions resumed",
+                self._waiting_for,
+                attempts,
             )
             self._resume_if_paused()
         return int(dead)
@@ -331,16 +337,20 @@ class Sink:
         if state.attempt_number == 1:
             self._pause()
             self._waiting_since = self._last_wait_report = time.monotonic()
+            registry = isinstance(exc, RegistryUnavailable)
+            self._waiting_for = "the Schema Registry" if registry else "MLflow"
             logger.warning(
-                "MLflow write failed (%s); partitions paused, retrying with backoff, nothing "
+                "%s failed (%s); partitions paused, retrying with backoff, nothing "
                 "committed until it succeeds",
+                "Schema Registry lookup" if registry else "MLflow write",
                 reason,
             )
         elif time.monotonic() - self._last_wait_report >= self.config.stats_interval:
             # One WARNING per outage; a reminder now and then shows the sink is alive.
             self._last_wait_report = time.monotonic()
             logger.info(
-                "still waiting for MLflow after %d attempts and %.0fs: %s",
+                "still waiting for %s after %d attempts and %.0fs: %s",
+                self._waiting_for,
                 state.attempt_number,
                 time.monotonic() - self._waiting_since,
                 reason,

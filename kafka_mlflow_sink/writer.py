@@ -17,8 +17,11 @@ that safe even after a ``log_batch`` that was written in part.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,10 @@ from cachetools import LRUCache
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.protos.service_pb2 import LogBatch as LogBatchRequest
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.proto_json_utils import message_to_json
+from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from kafka_mlflow_sink.config import redact_uri
 from kafka_mlflow_sink.errors import (
@@ -52,6 +59,12 @@ from kafka_mlflow_sink.plan import (
     RunState,
     plan_run,
     point_id,
+)
+from kafka_mlflow_sink.throttle import (
+    THROTTLING_STATUSES,
+    ThrottledResponse,
+    answer_detail,
+    parse_retry_after,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,6 +91,8 @@ _WAITING_MARKERS = (
 )
 
 T = TypeVar("T")
+
+_LOG_BATCH_ENDPOINT = "/api/2.0/mlflow/runs/log-batch"
 
 # MLflow error codes that describe the request, not the moment: retrying cannot help.
 _PERMANENT_CODES = frozenset(
@@ -112,9 +127,17 @@ class _KnownRun:
 
 
 def classify(exc: BaseException, action: str, run_key: str | None = None) -> WriteError:
-    """The ``WriteError`` an exception raised by ``MlflowClient`` stands for."""
+    """The ``WriteError`` an exception raised by ``MlflowClient`` stands for.
+
+    A throttling answer (``ThrottledResponse``) is MLflow asking the sink to slow down: it is
+    retried after at least the pause MLflow asked for.
+    """
     if isinstance(exc, WriteError):
         return exc
+    if isinstance(exc, ThrottledResponse):
+        error = TransientWriteError(f"{action}: {exc}", run_key)
+        error.retry_after = exc.throttled.retry_after
+        return error
     text = redact_uri(" ".join(str(exc).split()))[:300]
     code = getattr(exc, "error_code", None)
     reason = f"{action}: {code + ': ' if code else ''}{text or type(exc).__name__}"
@@ -150,6 +173,12 @@ class MlflowWriter:
         self._experiments: dict[str, str] = {}
         self._runs: LRUCache[str, _KnownRun] = LRUCache(maxsize=max_cached_runs)
         self._between: Callable[[], None] = lambda: None
+        scheme = urllib.parse.urlparse(self.client.tracking_uri).scheme
+        self._log_batch_call: Callable[..., Any] = (
+            self._rest_log_batch
+            if scheme in ("http", "https")
+            else functools.partial(self.client.log_batch, synchronous=True)
+        )
         # Set by the retry loop once an error has persisted: an error MLflow itself returns
         # (not an outage) then counts as a refusal of the record, if MLflow answers otherwise.
         self.escalate_ambiguous = False
@@ -286,13 +315,42 @@ class MlflowWriter:
         self._call(
             "log_batch",
             run_key,
-            self.client.log_batch,
+            self._log_batch_call,
             run_id,
             metrics=[Metric(p.key, p.value, p.timestamp, p.step) for p in batch.metrics],
             params=[Param(k, v) for k, v in batch.params],
             tags=[RunTag(k, v) for k, v in batch.tags],
-            synchronous=True,
         )
+
+    def _rest_log_batch(
+        self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
+    ) -> None:
+        """``log-batch`` through a tracking server's REST API, reading throttling answers.
+
+        The request is the one MLflow's own REST store sends. No status counts as retryable
+        for MLflow's HTTP layer, so a 429 or 503 comes back as a response whose Retry-After
+        is read here (see ``throttle``); any other error is raised as MLflow raises it.
+        """
+        body = message_to_json(
+            LogBatchRequest(
+                run_id=run_id,
+                metrics=[m.to_proto() for m in metrics],
+                params=[p.to_proto() for p in params],
+                tags=[t.to_proto() for t in tags],
+            )
+        )
+        response = http_request(  # type: ignore[no-untyped-call]
+            get_default_host_creds(self.client.tracking_uri),  # type: ignore[no-untyped-call]
+            _LOG_BATCH_ENDPOINT,
+            "POST",
+            json=json.loads(body),
+            max_retries=0,
+            retry_codes=frozenset(),
+        )
+        if response.status_code in THROTTLING_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise ThrottledResponse(response.status_code, retry_after, answer_detail(response.text))
+        verify_rest_response(response, _LOG_BATCH_ENDPOINT)
 
     def _log_artifact(self, run_id: str, run_key: str, path: str, content: bytes) -> None:
         with tempfile.TemporaryDirectory(prefix="kafka-mlflow-sink-") as tmp:
