@@ -53,6 +53,7 @@ class RunContent:
     points: set[PointId] = field(default_factory=set)
     artifacts: dict[str, bytes] = field(default_factory=dict)
     copies: int = 1  # MLflow runs carrying this run key; more than one is a duplicate
+    stored_points: int = 0  # metric points MLflow returns, counting any stored twice
 
 
 @dataclass
@@ -157,9 +158,10 @@ def _content(
         tags=dict(data.tags),
     )
     for key in data.metrics:
+        history = client.get_metric_history(info.run_id, key)
+        content.stored_points += len(history)
         content.points.update(
-            point_id(MetricPoint(m.key, m.value, m.step, m.timestamp))
-            for m in client.get_metric_history(info.run_id, key)
+            point_id(MetricPoint(m.key, m.value, m.step, m.timestamp)) for m in history
         )
     for path in artifacts:
         try:
@@ -204,6 +206,8 @@ def _compare(want: RunContent, got: RunContent) -> list[str]:
     if missing:
         sample = ", ".join(f"{k}@step {s} ts {t}" for k, s, t, _ in sorted(missing, key=str)[:3])
         problems.append(f"{len(missing)} metric point(s) missing, e.g. {sample}")
+    if got.stored_points > len(got.points):
+        problems.append(f"{got.stored_points - len(got.points)} metric point(s) stored twice")
     for path, content in want.artifacts.items():
         if path not in got.artifacts:
             problems.append(f"artifact {path!r} missing")

@@ -9,6 +9,7 @@ Services start only when a test asks for them, so ``pytest -m "not integration"`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,9 +24,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from localstack import KafkaBroker, MlflowServer, create_topic
 
-from tests.support import SinkProcess
+from tests.support import TALLY_DIR, SinkProcess
 
 log = logging.getLogger(__name__)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # workers share the controller's directory
+        for old in TALLY_DIR.glob("*.json"):
+            old.unlink()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reliability scenarios of this session as one table: where every record went."""
+    if "PYTEST_XDIST_WORKER" in os.environ or not TALLY_DIR.is_dir():
+        return
+    rows = sorted(
+        (json.loads(f.read_text()) for f in TALLY_DIR.glob("*.json")),
+        key=lambda row: row["scenario"],
+    )
+    if not rows:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("reliability scenarios: where every record went")
+    write(f"{'scenario':<58} {'in':>7} {'MLflow':>7} {'DLQ':>5} {'lost':>5} {'dup':>5}")
+    for row in rows:
+        write(
+            f"{row['scenario'][:58]:<58} {row['records_in']:>7} {row['in_mlflow']:>7} "
+            f"{row['dead_lettered']:>5} {row['lost']:>5} {row['duplicated']:>5}"
+        )
 
 
 def _docker_answers() -> bool:
