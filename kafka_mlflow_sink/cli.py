@@ -472,15 +472,17 @@ def _run_replay(
     progress: bool | None,
 ) -> Any:
     _mlflow_environment()
-    from kafka_mlflow_sink.codec import make_codec
+    from kafka_mlflow_sink.codec import check_registry, make_codec
     from kafka_mlflow_sink.replay import Replay
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
 
     writer = MlflowWriter(config.tracking_uri)
     check_mlflow(writer)
+    codec = make_codec(config.framing, config.schema_registry_url)
+    check_registry(codec, config.schema_registry_url)
     job = Replay(
         config,
-        make_codec(config.framing, config.schema_registry_url),
+        codec,
         writer,
         start_at,
         follow=follow,
@@ -494,15 +496,17 @@ def _run_replay(
 
 def _run_sink(config: SinkConfig) -> None:
     _mlflow_environment()
-    from kafka_mlflow_sink.codec import make_codec
+    from kafka_mlflow_sink.codec import check_registry, make_codec
     from kafka_mlflow_sink.offsets import check_kafka
     from kafka_mlflow_sink.sink import Sink
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
 
+    codec = make_codec(config.framing, config.schema_registry_url)  # settings first
     check_kafka(config)
     writer = MlflowWriter(config.tracking_uri)
     check_mlflow(writer)
+    check_registry(codec, config.schema_registry_url)
     logger.info("kafka-mlflow-sink %s starting with %s", __version__, config.redacted())
-    sink = Sink(config, make_codec(config.framing, config.schema_registry_url), writer)
+    sink = Sink(config, codec, writer)
     _on_stop_signals(sink.stop)
     sink.run()

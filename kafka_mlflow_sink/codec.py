@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 import fastavro
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from kafka_mlflow_sink.config import redact_uri
 from kafka_mlflow_sink.errors import ConfigError, DecodeError, RegistryUnavailable, describe
 from kafka_mlflow_sink.events import RunEvent, from_record, to_record
 
@@ -175,3 +176,19 @@ def make_codec(framing: str, registry_url: str | None = None) -> Codec:
             raise ConfigError("framing 'registry' needs a Schema Registry URL")
         return RegistryCodec(registry_url)
     raise ConfigError(f"unknown framing {framing!r}; expected 'bare' or 'registry'")
+
+
+def check_registry(codec: Codec, registry_url: str | None) -> None:
+    """Fail with one line when the codec needs a Schema Registry that does not answer.
+
+    Raises:
+        RegistryUnavailable: the registry cannot be reached or refuses the request.
+    """
+    if not isinstance(codec, RegistryCodec):
+        return
+    try:
+        codec.client.get_subjects()
+    except Exception as exc:
+        where = redact_uri(registry_url or "(the configured registry)")
+        reason = f"cannot reach the Schema Registry at {where}: {describe(exc)}"
+        raise RegistryUnavailable(reason) from exc

@@ -183,6 +183,32 @@ def test_missing_topic_and_unreachable_mlflow_are_one_line_each(
     assert "Traceback" not in down.stderr + missing.stderr
 
 
+@pytest.mark.integration
+def test_bad_and_unreachable_schema_registries_are_one_line_each(
+    kafka_bootstrap_servers: str, mlflow_tracking_uri: str, topic: Callable[..., str]
+) -> None:
+    def run(url: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *(str(BIN), "run", "-b", kafka_bootstrap_servers, "-t", topic()),
+                *("--tracking-uri", mlflow_tracking_uri),
+                *("--framing", "registry", "--schema-registry-url", url),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    invalid = run("ftp://registry")
+    assert invalid.returncode == 2
+    assert invalid.stderr.strip().endswith("Invalid url ftp://registry")
+    down = run("http://alice:s3cret@127.0.0.1:1")
+    assert down.returncode == 3
+    assert "error: cannot reach the Schema Registry at http://alice:***@127.0.0.1:1" in down.stderr
+    assert "s3cret" not in down.stderr
+    assert "Traceback" not in invalid.stderr + down.stderr
+
+
 @pytest.mark.parametrize(
     ("code", "retriable"),
     [
