@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from functools import cache
 from importlib import resources
 from typing import Any, Literal, Protocol
@@ -88,8 +89,11 @@ class RegistryCodec:
     ) -> None:
         """Use the registry at ``registry_url``, or an existing ``client`` to share one."""
         # Imported here: the registry client pulls in an HTTP stack that bare framing never needs.
-        from confluent_kafka.schema_registry import SchemaRegistryClient
-        from confluent_kafka.schema_registry.avro import AvroSerializer
+        # authlib, under the registry client, warns about its own httpx module on import and
+        # forces that warning on; recording it keeps it off the user's terminal.
+        with warnings.catch_warnings(record=True):
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+            from confluent_kafka.schema_registry.avro import AvroSerializer
 
         if client is None:
             try:
