@@ -140,7 +140,10 @@ def classify(exc: BaseException, action: str, run_key: str | None = None) -> Wri
         return error
     text = redact_uri(" ".join(str(exc).split()))[:300]
     code = getattr(exc, "error_code", None)
-    reason = f"{action}: {code + ': ' if code else ''}{text or type(exc).__name__}"
+    said = text or type(exc).__name__
+    reason = (
+        f"{action}: {code}: {said}" if code and not said.startswith(code) else f"{action}: {said}"
+    )
     lowered = text.lower()
     if (
         isinstance(exc, MlflowException)

@@ -89,6 +89,13 @@ def test_outages_are_never_ambiguous(text: str, ambiguous: bool) -> None:
     assert isinstance(error, TransientWriteError) and error.ambiguous is ambiguous
 
 
+def test_mlflows_error_code_is_named_once() -> None:
+    from mlflow.exceptions import RestException
+
+    plain = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad value"})
+    assert classify(plain, "log").reason == "log: INVALID_PARAMETER_VALUE: bad value"
+
+
 def test_the_user_part_of_a_uri_is_masked_in_errors() -> None:
     error = classify(OSError("cannot reach http://alice:s3cret@mlflow:5000/api"), "log_batch")
     assert "s3cret" not in error.reason and "alice:***@" in error.reason
