@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 
@@ -15,11 +16,14 @@ from kafka_mlflow_sink.deadletter import HEADER_PREFIX
 from kafka_mlflow_sink.events import RunEvent, RunFinished, RunStarted
 from tests.support import (
     SinkProcess,
+    SteadyLoad,
     assert_mlflow_holds,
+    assert_nothing_lost_or_duplicated,
     cli,
     consume_all,
     mlflow_runs,
     sink_args,
+    tally,
     topic_runs,
     wait_for_zero_lag,
     wait_until,
@@ -64,6 +68,13 @@ def test_a_rebalance_while_mlflow_is_down_loses_nothing(
     truth = topic_runs(kafka_bootstrap_servers, events)
     assert len(truth) == 16 and sum(len(r.points) for r in truth.values()) == 16 * 20
     assert_mlflow_holds(truth, mlflow_runs(mlflow_server.tracking_uri, truth))
+    result = tally(
+        "rebalance while MLflow is down",
+        kafka_bootstrap_servers,
+        events,
+        mlflow_server.tracking_uri,
+    )
+    assert_nothing_lost_or_duplicated(result)
 
 
 def test_a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_without_its_value(
@@ -89,6 +100,13 @@ def test_a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_without_i
     assert dead.value() == big or headers[HEADER_PREFIX + "value.dropped"] == "1040000 bytes"
     truth = topic_runs(kafka_bootstrap_servers, events)
     assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
+    result = tally(
+        "record too large for the dead-letter topic",
+        kafka_bootstrap_servers,
+        events,
+        mlflow_tracking_uri,
+    )
+    assert_nothing_lost_or_duplicated(result, dead_lettered=1)
 
 
 def test_bad_tracking_uris_are_one_line_without_secrets(
@@ -127,12 +145,16 @@ def test_a_broker_restart_while_the_sink_runs_loses_nothing(
     publish(bootstrap, events, runs=3, points=10)
     wait_for_zero_lag(bootstrap, events, "restart", sink)
 
-    kafka_broker.restart()  # same port, same storage
-    publish(bootstrap, events, runs=3, points=10)
+    with SteadyLoad(bootstrap, events, events_per_second=50, steps=10) as load:
+        time.sleep(2)
+        kafka_broker.restart()  # same port, same storage; the load's producer waits it out
+        time.sleep(3)
     wait_for_zero_lag(bootstrap, events, "restart", sink, timeout=120)
     truth = topic_runs(bootstrap, events)
-    assert len(truth) == 6
+    assert len(truth) == 3 + load.runs
     assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
+    result = tally("broker restarted under load", bootstrap, events, mlflow_tracking_uri)
+    assert_nothing_lost_or_duplicated(result)
 
 
 def test_a_topic_ending_in_transaction_markers_reaches_zero_lag(

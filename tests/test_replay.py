@@ -25,11 +25,13 @@ from tests.support import (
     BIN,
     SinkProcess,
     assert_mlflow_holds,
+    assert_nothing_lost_or_duplicated,
     cli,
     comparable,
     lag,
     mlflow_runs,
     sink_args,
+    tally,
     topic_runs,
     wait_for_zero_lag,
     wait_until,
@@ -189,6 +191,13 @@ def test_a_sink_killed_between_write_and_commit_neither_loses_nor_duplicates(
         again.log(),
     ), again.log()
     assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
+    result = tally(
+        "SIGKILL between MLflow write and commit",
+        kafka_bootstrap_servers,
+        events,
+        mlflow_tracking_uri,
+    )
+    assert_nothing_lost_or_duplicated(result)
 
 
 def test_replay_from_a_time_within_a_run_from_after_the_end_and_with_empty_partitions(
