@@ -284,6 +284,10 @@ class MlflowWriter:
         if len(report.rejected) > refused:
             # MLflow refused part of the plan: what it holds is no longer what was planned.
             self._runs.pop(run.run_key, None)
+        elif writes.finish is not None:
+            # A finished run rarely hears more; keeping every point id of every run ever
+            # finished would grow memory with the history. A late event reads it again.
+            self._runs.pop(run.run_key, None)
         else:
             known.state = writes.state
 

@@ -24,25 +24,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from localstack import KafkaBroker, MlflowServer, create_topic
 
-from tests.support import TALLY_DIR, SinkProcess
+from tests.support import SOAK_FIGURES, TALLY_DIR, SinkProcess
 
 log = logging.getLogger(__name__)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if "PYTEST_XDIST_WORKER" not in os.environ:  # workers share the controller's directory
-        for old in TALLY_DIR.glob("*.json"):
-            old.unlink()
+        for old in [*TALLY_DIR.glob("*.json"), SOAK_FIGURES]:
+            old.unlink(missing_ok=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n 2 --dist loadgroup`` (``make test``) the soak runs on one worker
+    while every other test runs, in order, on the other."""
+    for item in items:
+        group = "soak" if item.get_closest_marker("soak") else "suite"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The reliability scenarios of this session as one table: where every record went."""
     if "PYTEST_XDIST_WORKER" in os.environ or not TALLY_DIR.is_dir():
         return
-    rows = sorted(
-        (json.loads(f.read_text()) for f in TALLY_DIR.glob("*.json")),
-        key=lambda row: row["scenario"],
-    )
+    rows = [json.loads(f.read_text()) for f in TALLY_DIR.glob("*.json")]
+    rows.sort(key=lambda row: str(row["scenario"]))
     if not rows:
         return
     write = terminalreporter.write_line
@@ -52,6 +58,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         write(
             f"{row['scenario'][:58]:<58} {row['records_in']:>7} {row['in_mlflow']:>7} "
             f"{row['dead_lettered']:>5} {row['lost']:>5} {row['duplicated']:>5}"
+        )
+    if SOAK_FIGURES.is_file():
+        write(
+            "soak: {seconds} s, {events} events, {runs} runs; sink RSS {rss_mb_first} MB at "
+            "start, {rss_mb_warm} MB warmed up, {rss_mb_end} MB at the end (max {rss_mb_max}); "
+            "lag at most {max_lag_during_load} during load, {lag_at_stop} at stop, "
+            "0 after {seconds_to_zero_lag} s".format(**json.loads(SOAK_FIGURES.read_text()))
         )
 
 

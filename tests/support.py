@@ -47,6 +47,7 @@ from kafka_mlflow_sink.verify import (
 BIN = Path(sys.executable).parent
 # Each reliability scenario leaves its tally here; the session summary prints them as a table.
 TALLY_DIR = Path(__file__).resolve().parent.parent / "build" / "reliability"
+SOAK_FIGURES = TALLY_DIR.parent / "soak.json"  # the soak's memory and lag figures
 
 
 class SinkProcess:

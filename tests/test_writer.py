@@ -47,6 +47,22 @@ def test_a_record_refused_by_mlflow_stays_refused_when_the_batch_is_retried(stor
     assert "deleted" in again.rejected[0].reason
 
 
+def test_a_finished_run_leaves_the_cache_and_a_late_event_still_adds_nothing_twice(
+    store: str,
+) -> None:
+    writer = MlflowWriter(store)
+    points = tuple(MetricPoint("m", float(s), s, 5 + s) for s in range(50))
+    whole = batch(RunStarted(1, "r"), MetricsLogged(points), RunFinished("FINISHED", 9))
+    writer.apply(group_by_run(whole))
+    assert len(writer._runs) == 0  # memory does not grow with every run ever finished
+
+    late = batch(MetricsLogged((*points[:10], MetricPoint("m", 7.5, 99, 200))), first=3)
+    report = writer.apply(group_by_run(late))  # redelivered points and one new one
+    assert (report.runs_created, report.runs_found, report.points) == (0, 1, 1)
+    (run,) = writer.client.search_runs(["1"])
+    assert len(writer.client.get_metric_history(run.info.run_id, "m")) == 51
+
+
 def test_a_refused_end_rejects_only_its_record(store: str) -> None:
     writer = MlflowWriter(store)
     writer.apply(group_by_run(batch(RunStarted(1, "r"))))
