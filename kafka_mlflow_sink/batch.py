@@ -100,6 +100,7 @@ class BatchApplier:
         return len(dead)
 
     def close(self) -> None:
+        self.writer.close()
         if self.dead_letters is not None:
             self.dead_letters.close()
 

@@ -85,6 +85,12 @@ _topics_option = click.option(
     envvar=ENV_PREFIX + "TOPICS",
     help="Topic of run events; repeatable. [default: mlflow-events]",
 )
+_writers_option = click.option(
+    "--writers",
+    type=click.IntRange(0, 64),
+    envvar=ENV_PREFIX + "WRITERS",
+    help="Runs written to MLflow at once. [default: 4 through a tracking server, else 1]",
+)
 _dead_letter_option = click.option(
     "--dead-letter-topic",
     envvar=ENV_PREFIX + "DEAD_LETTER_TOPIC",
@@ -153,6 +159,7 @@ def _source_options(fn: F) -> F:
     envvar=ENV_PREFIX + "STATS_INTERVAL",
     help="Seconds between progress lines. [default: 60]",
 )
+@_writers_option
 @click.option("--print-config", is_flag=True, help="Print the effective settings and exit.")
 def run(
     config_file: Path | None,
@@ -243,6 +250,7 @@ def lag(config_file: Path | None, kafka_pairs: tuple[str, ...], wait: float, **f
     help="Send records that can never be written here. [default: only log them]",
 )
 @click.option("--batch-max-records", type=int, help="Most records in one batch. [default: 5000]")
+@_writers_option
 @click.option(
     "--retry-limit",
     type=float,
@@ -476,7 +484,7 @@ def _run_replay(
     from kafka_mlflow_sink.replay import Replay
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
 
-    writer = MlflowWriter(config.tracking_uri)
+    writer = MlflowWriter(config.tracking_uri, parallelism=config.writer_threads())
     check_mlflow(writer)
     codec = make_codec(config.framing, config.schema_registry_url)
     check_registry(codec, config.schema_registry_url)
@@ -503,7 +511,7 @@ def _run_sink(config: SinkConfig) -> None:
 
     codec = make_codec(config.framing, config.schema_registry_url)  # settings first
     check_kafka(config)
-    writer = MlflowWriter(config.tracking_uri)
+    writer = MlflowWriter(config.tracking_uri, parallelism=config.writer_threads())
     check_mlflow(writer)
     check_registry(codec, config.schema_registry_url)
     logger.info("kafka-mlflow-sink %s starting with %s", __version__, config.redacted())

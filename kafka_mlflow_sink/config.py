@@ -44,6 +44,8 @@ class SinkConfig:
         retry_initial_wait: first backoff, seconds, when MLflow fails transiently.
         retry_max_wait: longest backoff, seconds.
         stats_interval: seconds between progress lines in the log.
+        writers: runs written to MLflow at once; 0 picks 4 for a tracking server and 1 for an
+            embedded store, which gains nothing from threads.
         auto_offset_reset: where a group with no committed offset starts.
         kafka: extra librdkafka settings for the consumer and the dead-letter producer.
     """
@@ -60,6 +62,7 @@ class SinkConfig:
     retry_initial_wait: float = 0.5
     retry_max_wait: float = 30.0
     stats_interval: float = 60.0
+    writers: int = 0
     auto_offset_reset: str = "earliest"
     kafka: Mapping[str, str] = field(default_factory=dict)
 
@@ -75,6 +78,8 @@ class SinkConfig:
             raise ConfigError("framing 'registry' needs schema_registry_url")
         if self.batch_max_records < 1:
             raise ConfigError("batch_max_records must be at least 1")
+        if not 0 <= self.writers <= 64:
+            raise ConfigError(f"writers must be from 0 (automatic) to 64, not {self.writers}")
         for name in ("batch_max_wait", "retry_initial_wait", "retry_max_wait", "stats_interval"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -99,6 +104,7 @@ class SinkConfig:
         """One precise line for a value of the wrong type (a TOML file can hold anything)."""
         expected = {
             "batch_max_records": int,
+            "writers": int,
             "batch_max_wait": float,
             "retry_initial_wait": float,
             "retry_max_wait": float,
@@ -108,6 +114,8 @@ class SinkConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | kind):
                 raise ConfigError(f"{name} must be a number, not {value!r}")
+            if kind is int and not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number, not {value!r}")
         for name in (
             "bootstrap_servers",
             "group_id",
@@ -129,6 +137,13 @@ class SinkConfig:
             raise ConfigError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
         values = {"bootstrap_servers": "", "topics": (), **values}
         return cls(**values)
+
+    def writer_threads(self) -> int:
+        """Runs to write at once: ``writers``, or what suits the kind of tracking URI."""
+        if self.writers:
+            return self.writers
+        scheme = (self.tracking_uri or "").partition("://")[0].lower()
+        return 4 if scheme in ("http", "https") else 1
 
     def consumer_settings(self) -> dict[str, Any]:
         """librdkafka consumer settings; offsets are only ever committed by the sink."""

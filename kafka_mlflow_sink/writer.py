@@ -21,8 +21,10 @@ import functools
 import json
 import logging
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +40,7 @@ from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from kafka_mlflow_sink.config import redact_uri
 from kafka_mlflow_sink.errors import (
+    Abandoned,
     ConfigError,
     PermanentWriteError,
     SinkError,
@@ -164,9 +167,17 @@ class MlflowWriter:
     Args:
         tracking_uri: where MLflow is; MLflow's own default when None.
         max_cached_runs: runs whose identity and state are kept in memory.
+        parallelism: runs written at once, each by its own thread. Worth it through a
+            tracking server, which serves requests in parallel; an embedded store gains
+            nothing. Each run's events are still written in offset order by one thread.
     """
 
-    def __init__(self, tracking_uri: str | None = None, max_cached_runs: int = 10_000) -> None:
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        max_cached_runs: int = 10_000,
+        parallelism: int = 1,
+    ) -> None:
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
         except Exception as exc:
@@ -174,8 +185,10 @@ class MlflowWriter:
             reason = first_line(exc) or type(exc).__name__
             raise ConfigError(f"tracking URI {uri} is not usable: {reason[:200]}") from exc
         self._experiments: dict[str, str] = {}
-        self._runs: LRUCache[str, _KnownRun] = LRUCache(maxsize=max_cached_runs)
-        self._between: Callable[[], None] = lambda: None
+        self._runs = _RunCache(max_cached_runs)
+        self._local = threading.local()  # the ``between`` of the thread writing a run
+        self.parallelism = max(1, parallelism)
+        self._pool: ThreadPoolExecutor | None = None
         scheme = urllib.parse.urlparse(self.client.tracking_uri).scheme
         self._log_batch_call: Callable[..., Any] = (
             self._rest_log_batch
@@ -228,8 +241,27 @@ class MlflowWriter:
             TransientWriteError: MLflow failed in a way that may pass; nothing may be committed
                 and the whole batch is to be applied again.
         """
-        report = WriteReport()
-        self._between = between or (lambda: None)
+        runs = list(runs)
+        between = between or (lambda: None)
+        if self.parallelism == 1 or len(runs) < 2:
+            self._local.between = between
+            report = WriteReport()
+            self._apply_in_order(runs, report)
+            return report
+        return self._apply_in_parallel(runs, between)
+
+    def close(self) -> None:
+        """Let the writing threads go; the writer is not used after this."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _check_between(self) -> None:
+        check: Callable[[], None] | None = getattr(self._local, "between", None)
+        if check is not None:
+            check()
+
+    def _apply_in_order(self, runs: Iterable[RunEvents], report: WriteReport) -> None:
         for run in runs:
             try:
                 self._apply_run(run, report)
@@ -243,8 +275,56 @@ class MlflowWriter:
                 )
             except BaseException:
                 # Partly applied: forget what we believed the run holds, read it again later.
-                self._runs.pop(run.run_key, None)
+                self._runs.pop(run.run_key)
                 raise
+
+    def _apply_in_parallel(self, runs: list[RunEvents], between: Callable[[], None]) -> WriteReport:
+        """Write independent runs at once; the calling thread keeps calling ``between``.
+
+        Invariant: the batch counts as written only when every run of it was; a failure or
+        ``between`` raising stops the other threads at their next call and is raised here
+        after all of them have stopped, so nothing of the batch is written behind the back
+        of the retry or the rewind that follows.
+        """
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="mlflow-writer")
+        stop = threading.Event()
+
+        def check() -> None:
+            if stop.is_set():
+                raise Abandoned("another part of the batch failed")
+
+        def write(group: list[RunEvents]) -> WriteReport:
+            self._local.between = check
+            part = WriteReport()
+            try:
+                self._apply_in_order(group, part)
+            finally:
+                self._local.between = None
+            return part
+
+        futures = [self._pool.submit(write, group) for group in _families(runs)]
+        try:
+            while True:
+                done, pending = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
+                if not pending or any(f.exception() is not None for f in done):
+                    break
+                between()
+        finally:
+            failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
+            if failed or any(not f.done() for f in futures):
+                stop.set()
+                wait(futures)
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        if errors:
+            first = next((e for e in errors if not isinstance(e, Abandoned)), errors[0])
+            raise first
+        report = WriteReport()
+        for future in futures:
+            part = future.result()
+            for name in ("runs_created", "runs_found", "points", "params", "tags", "artifacts"):
+                setattr(report, name, getattr(report, name) + getattr(part, name))
+            report.rejected.extend(part.rejected)
         return report
 
     # -- one run ------------------------------------------------------------------------
@@ -255,10 +335,10 @@ class MlflowWriter:
         report.rejected.extend(writes.rejected)
         refused = len(report.rejected)
         for batch in writes.batches:
-            self._between()
+            self._check_between()
             self._log_batch(known.run_id, run.run_key, batch, report)
         for artifact, position in writes.artifacts:
-            self._between()
+            self._check_between()
             if self._refusable(
                 report,
                 position,
@@ -283,11 +363,11 @@ class MlflowWriter:
             )
         if len(report.rejected) > refused:
             # MLflow refused part of the plan: what it holds is no longer what was planned.
-            self._runs.pop(run.run_key, None)
+            self._runs.pop(run.run_key)
         elif writes.finish is not None:
             # A finished run rarely hears more; keeping every point id of every run ever
             # finished would grow memory with the history. A late event reads it again.
-            self._runs.pop(run.run_key, None)
+            self._runs.pop(run.run_key)
         else:
             known.state = writes.state
 
@@ -392,7 +472,7 @@ class MlflowWriter:
             else:
                 known = self._create(experiment_id, run)
                 report.runs_created += 1
-            self._runs[run.run_key] = known
+            self._runs.put(run.run_key, known)
         self._complete_start(known, run)
         return known
 
@@ -521,7 +601,7 @@ class MlflowWriter:
         except PermanentWriteError:  # the parent was deleted in MLflow
             return None
         if found is not None:
-            self._runs[parent_key] = found
+            self._runs.put(parent_key, found)
         return found.run_id if found else None
 
     def _link_to_parent(
@@ -633,3 +713,46 @@ def check_mlflow(writer: MlflowWriter) -> None:
         reason = classify(exc, "search experiments").reason
         uri = redact_uri(writer.client.tracking_uri)
         raise MlflowUnavailable(f"cannot reach MLflow at {uri}: {reason}") from exc
+
+
+class _RunCache:
+    """Known runs by run key, least recently used dropped first; safe across threads."""
+
+    def __init__(self, size: int) -> None:
+        self._runs: LRUCache[str, _KnownRun] = LRUCache(maxsize=size)
+        self._lock = threading.Lock()
+
+    def get(self, run_key: str) -> _KnownRun | None:
+        with self._lock:
+            return self._runs.get(run_key)
+
+    def put(self, run_key: str, known: _KnownRun) -> None:
+        with self._lock:
+            self._runs[run_key] = known
+
+    def pop(self, run_key: str) -> None:
+        with self._lock:
+            self._runs.pop(run_key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
+
+def _families(runs: list[RunEvents]) -> list[list[RunEvents]]:
+    """The runs of a batch in groups that can be written at once: a run whose parent is in the
+    batch too goes with it, after it, so the parent's MLflow run exists when the child needs
+    it. Order inside each group is the batch's order."""
+    family: dict[str, int] = {}
+    groups: list[list[RunEvents]] = []
+    for run in runs:  # parents come before their children (group_by_run)
+        start = run.start
+        parent = start.parent_run_key if start else None
+        if parent is not None and parent in family:
+            index = family[parent]
+        else:
+            index = len(groups)
+            groups.append([])
+        family[run.run_key] = index
+        groups[index].append(run)
+    return groups
