@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install jars lint test test-unit demo clean distclean
+.PHONY: help install jars lint test test-unit demo bench clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,6 +36,13 @@ test-unit: install ## tests that need no Kafka and no MLflow
 
 demo: install jars ## run examples/demo.py
 	$(BIN)/python examples/demo.py
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP) jars ## benchmark the sink against MLflow's ceiling (BENCH_ARGS="--help")
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean: ## remove caches and build output (keeps .venv and the Kafka jars)
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

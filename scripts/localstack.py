@@ -464,7 +464,8 @@ def create_topic(
 
 
 class MlflowServer(_Service):
-    """``mlflow server`` on 127.0.0.1 with a SQLite store and served artifacts in ``workdir``.
+    """``mlflow server`` on 127.0.0.1, by default with a SQLite store in ``workdir``, and served
+    artifacts there; ``backend_store_uri`` picks another store (PostgreSQL for benchmarks).
 
     ``stop()`` and ``start()`` keep the port and the store, so a test can take MLflow down and
     bring the same server back.
@@ -473,10 +474,18 @@ class MlflowServer(_Service):
     name = "mlflow"
     start_timeout = MLFLOW_START_TIMEOUT
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        backend_store_uri: str | None = None,
+        workers: int = 1,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(workdir)
         self.port = port or free_port()
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        self.workers = workers
 
     @property
     def tracking_uri(self) -> str:
@@ -492,8 +501,9 @@ class MlflowServer(_Service):
             raise ServiceError(f"{mlflow} not found: install mlflow into this environment")
         return [
             str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-            "--artifacts-destination", str(self.workdir / "artifacts"), "--workers", "1",
+            "--backend-store-uri", self.backend_store_uri,
+            "--artifacts-destination", str(self.workdir / "artifacts"),
+            "--workers", str(self.workers),
         ]  # fmt: skip
 
     def _env(self) -> dict[str, str]:
