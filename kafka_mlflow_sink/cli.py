@@ -359,9 +359,9 @@ def create_topics(
     from kafka_mlflow_sink.offsets import create_topics as create
 
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
-    created = _guard(lambda: create(config, partitions, replication_factor))
+    outcome = _guard(lambda: create(config, partitions, replication_factor))
     for topic in [*config.topics, config.dead_letter_topic]:
-        click.echo(f"{topic}: {'created' if topic in created else 'exists'}")
+        click.echo(f"{topic}: {outcome[topic]}")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -35,7 +36,7 @@ def _consumer(config: SinkConfig) -> Consumer:
     return Consumer(settings)
 
 
-def check_kafka(config: SinkConfig) -> None:
+def check_kafka(config: SinkConfig, need_topics: bool = True) -> None:
     """Fail with one line when the broker is unreachable or a consumed topic is missing."""
     consumer = _consumer(config)
     try:
@@ -48,7 +49,7 @@ def check_kafka(config: SinkConfig) -> None:
     finally:
         consumer.close()
     missing = [t for t in config.topics if t not in metadata.topics]
-    if missing:
+    if missing and need_topics:
         raise KafkaUnavailable(f"topic {missing[0]!r} does not exist on {config.bootstrap_servers}")
 
 
@@ -81,35 +82,49 @@ def group_lag(config: SinkConfig) -> list[PartitionLag]:
         consumer.close()
 
 
-def create_topics(config: SinkConfig, partitions: int, replication: int) -> list[str]:
+def create_topics(config: SinkConfig, partitions: int, replication: int) -> dict[str, str]:
     """Create the run-events topics and the dead-letter topic; existing ones are kept.
 
     Returns:
-        The topics that were created.
+        Per topic, ``created`` or ``exists (N partitions)``.
     """
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    admin = AdminClient(
-        {
-            k: v
-            for k, v in config.consumer_settings().items()
-            if not k.startswith(("group.", "enable.", "auto.", "partition."))
-        }
-    )
+    check_kafka(config, need_topics=False)
+    settings: dict[str, Any] = {
+        k: v
+        for k, v in config.consumer_settings().items()
+        if not k.startswith(("group.", "enable.", "auto.", "partition."))
+    }
+    settings["logger"] = QUIET_LOGGER
+    admin = AdminClient(settings)
     wanted = [*config.topics, config.dead_letter_topic]
     futures = admin.create_topics(
         [NewTopic(t, partitions, replication) for t in wanted], request_timeout=CHECK_TIMEOUT
     )
-    created = []
+    outcome: dict[str, str] = {}
     for topic, future in futures.items():
         try:
             future.result(CHECK_TIMEOUT)
-            created.append(topic)
+            outcome[topic] = "created"
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                outcome[topic] = "exists"
                 continue
             raise KafkaUnavailable(
                 f"cannot create topic {topic!r}: {err.str() if err is not None else exc}"
             ) from exc
-    return created
+        except TimeoutError as exc:
+            raise KafkaUnavailable(
+                f"Kafka at {config.bootstrap_servers} did not create {topic!r} within "
+                f"{CHECK_TIMEOUT:.0f}s"
+            ) from exc
+    existing = [t for t, state in outcome.items() if state == "exists"]
+    if existing:
+        metadata = admin.list_topics(timeout=CHECK_TIMEOUT)
+        for topic in existing:
+            found = metadata.topics.get(topic)
+            if found is not None:
+                outcome[topic] = f"exists ({len(found.partitions)} partitions)"
+    return outcome

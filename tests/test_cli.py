@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -247,3 +248,24 @@ def test_replay_start_times_are_read_as_milliseconds() -> None:
     assert parse_timestamp("2026-12-03T00:00:00Z") == 1_796_256_000_000
     assert parse_timestamp("2026-12-03T01:00:00+01:00") == 1_796_256_000_000
     assert parse_timestamp("1796256000000") == 1_796_256_000_000
+
+
+@pytest.mark.integration
+def test_create_topics_says_what_it_did_and_an_unreachable_broker_is_exit_3(
+    kafka_bootstrap_servers: str,
+) -> None:
+    name = f"created-{uuid.uuid4().hex[:8]}"
+    args = ["create-topics", "-b", kafka_bootstrap_servers, "-t", name, "--partitions", "3"]
+    first = subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [f"{name}: created", f"{name}.dlq: created"]
+    again = subprocess.run([str(BIN), *args[:-1], "12"], capture_output=True, text=True, timeout=60)
+    assert again.stdout.splitlines()[0] == f"{name}: exists (3 partitions)"
+    down = subprocess.run(
+        [str(BIN), "create-topics", "-b", "127.0.0.1:1"], capture_output=True, text=True, timeout=60
+    )
+    assert down.returncode == 3
+    assert down.stderr.strip().endswith(
+        "cannot reach Kafka at 127.0.0.1:1 within 10s "
+        "(Failed to get metadata: Local: Broker transport failure)"
+    )
