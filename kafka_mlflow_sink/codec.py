@@ -27,7 +27,13 @@ import fastavro
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from kafka_mlflow_sink.config import redact_uri
-from kafka_mlflow_sink.errors import ConfigError, DecodeError, RegistryUnavailable, describe
+from kafka_mlflow_sink.errors import (
+    ConfigError,
+    DecodeError,
+    RegistryUnavailable,
+    concise,
+    describe,
+)
 from kafka_mlflow_sink.events import RunEvent, from_record, to_record
 
 Framing = Literal["bare", "registry"]
@@ -155,9 +161,10 @@ class RegistryCodec:
                 raise DecodeError(
                     f"schema id {schema_id} is unknown to the Schema Registry"
                 ) from exc
+            said = concise(describe(exc))[:200]
             if exc.http_status_code >= 500 or exc.http_status_code in (408, 429):
-                raise RegistryUnavailable(f"Schema Registry answers {describe(exc)}") from exc
-            raise DecodeError(f"schema id {schema_id} cannot be fetched: {describe(exc)}") from exc
+                raise RegistryUnavailable(f"Schema Registry answers {said}") from exc
+            raise DecodeError(f"schema id {schema_id} cannot be fetched: {said}") from exc
         except Exception as exc:  # connection refused, timeouts, DNS
             raise RegistryUnavailable(f"Schema Registry unreachable: {describe(exc)}") from exc
         if (schema.schema_type or "AVRO") != "AVRO":
@@ -190,9 +197,19 @@ def check_registry(codec: Codec, registry_url: str | None) -> None:
     """
     if not isinstance(codec, RegistryCodec):
         return
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    where = redact_uri(registry_url or "(the configured registry)")
     try:
         codec.client.get_subjects()
+    except SchemaRegistryError as exc:
+        if 400 <= exc.http_status_code < 500 and exc.http_status_code not in (401, 403, 408, 429):
+            raise ConfigError(
+                f"{where} does not answer like a Schema Registry "
+                f"(HTTP {exc.http_status_code} for /subjects)"
+            ) from exc
+        reason = concise(describe(exc))[:200]
+        raise RegistryUnavailable(f"the Schema Registry at {where} answers {reason}") from exc
     except Exception as exc:
-        where = redact_uri(registry_url or "(the configured registry)")
-        reason = f"cannot reach the Schema Registry at {where}: {describe(exc)}"
-        raise RegistryUnavailable(reason) from exc
+        reason = concise(describe(exc))[:200]
+        raise RegistryUnavailable(f"cannot reach the Schema Registry at {where}: {reason}") from exc

@@ -18,6 +18,8 @@ and nothing else.
 
 from __future__ import annotations
 
+import re
+
 
 class SinkError(Exception):
     """Root of every error raised by kafka-mlflow-sink."""
@@ -90,3 +92,28 @@ def describe(exc: BaseException) -> str:
     """``Type: first line`` of an exception, for one-line error messages."""
     text = first_line(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def concise(text: str) -> str:
+    """The part of an HTTP client's error that says what went wrong, without its wrapping.
+
+    "API request to URL failed with exception HTTPConnectionPool(...): Max retries exceeded
+    ... [Errno 111] Connection refused ..." becomes "API request to URL failed: Connection
+    refused"; an HTML error page is named rather than quoted.
+    """
+    html = re.search(r"<!doctype html|<html", text, re.IGNORECASE)
+    if html:
+        before = re.sub(r"\s*b?['\"]?$", "", text[: html.start()])
+        text = before + " (an HTML page: is this the right URL?)"
+    wrapped = re.match(r"API request to (\S+?) failed with (?:timeout )?exception (.*)", text)
+    if not wrapped:
+        return text
+    url, rest = wrapped.groups()
+    cause = re.search(r"\[Errno -?\d+\] ([^\"')\]]+)", rest) or re.search(
+        r"Caused by \w+\('([^']+)'", rest
+    )
+    if cause:
+        return f"API request to {url} failed: {cause.group(1).strip()}"
+    if "timed out" in rest.lower():
+        return f"API request to {url} failed: timed out"
+    return text

@@ -46,6 +46,7 @@ from kafka_mlflow_sink.errors import (
     SinkError,
     TransientWriteError,
     WriteError,
+    concise,
     first_line,
 )
 from kafka_mlflow_sink.events import MetricPoint, RunStarted
@@ -141,7 +142,7 @@ def classify(exc: BaseException, action: str, run_key: str | None = None) -> Wri
         error = TransientWriteError(f"{action}: {exc}", run_key)
         error.retry_after = exc.throttled.retry_after
         return error
-    text = redact_uri(" ".join(str(exc).split()))[:300]
+    text = concise(redact_uri(" ".join(str(exc).split())))[:300]
     code = getattr(exc, "error_code", None)
     said = text or type(exc).__name__
     reason = (

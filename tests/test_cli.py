@@ -203,6 +203,11 @@ def test_bad_and_unreachable_schema_registries_are_one_line_each(
     invalid = run("ftp://registry")
     assert invalid.returncode == 2
     assert invalid.stderr.strip().endswith("Invalid url ftp://registry")
+    elsewhere = run(mlflow_tracking_uri)  # a server, but not a Schema Registry
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.strip().endswith(
+        f"{mlflow_tracking_uri} does not answer like a Schema Registry (HTTP 404 for /subjects)"
+    )
     down = run("http://alice:s3cret@127.0.0.1:1")
     assert down.returncode == 3
     assert "error: cannot reach the Schema Registry at http://alice:***@127.0.0.1:1" in down.stderr

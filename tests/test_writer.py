@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kafka_mlflow_sink.errors import TransientWriteError
+from kafka_mlflow_sink.errors import TransientWriteError, concise
 from kafka_mlflow_sink.events import (
     ArtifactLogged,
     MetricPoint,
@@ -103,6 +103,42 @@ def test_outages_are_never_ambiguous(text: str, ambiguous: bool) -> None:
 
     error = classify(MlflowException(text), "log_batch")
     assert isinstance(error, TransientWriteError) and error.ambiguous is ambiguous
+
+
+@pytest.mark.parametrize(
+    ("raw", "short"),
+    [
+        (
+            "API request to http://m:1/api/2.0/mlflow/experiments/search failed with exception "
+            "HTTPConnectionPool(host='m', port=1): Max retries exceeded with url: /api/2.0/mlf"
+            'low/experiments/search?max_results=1 (Caused by NewConnectionError("HTTPConnecti'
+            "on(host='m', port=1): Failed to establish a new connection: [Errno 111] Connection"
+            ' refused"))',
+            "API request to http://m:1/api/2.0/mlflow/experiments/search failed: Connection "
+            "refused",
+        ),
+        (
+            "API request to http://m:1/api/2.0/mlflow/runs/log-batch failed with exception "
+            "HTTPConnectionPool(host='m', port=1): Max retries exceeded with url: /api/2.0/mlf"
+            "low/runs/log-batch (Caused by ResponseError('too many 503 error responses'))",
+            "API request to http://m:1/api/2.0/mlflow/runs/log-batch failed: too many 503 error "
+            "responses",
+        ),
+        (
+            "API request to http://m:1/api/2.0/mlflow/runs/create failed with timeout exception "
+            "HTTPConnectionPool(host='m', port=1): Read timed out. (read timeout=5).",
+            "API request to http://m:1/api/2.0/mlflow/runs/create failed: timed out",
+        ),
+        (
+            "API request to endpoint /api/2.0/mlflow/runs/create failed with error code 404 != "
+            "200. Response body: '<!doctype html> <html lang=en><title>404 Not Found</title>'",
+            "API request to endpoint /api/2.0/mlflow/runs/create failed with error code 404 != "
+            "200. Response body: (an HTML page: is this the right URL?)",
+        ),
+    ],
+)
+def test_http_errors_are_told_in_a_few_words(raw: str, short: str) -> None:
+    assert concise(raw) == short
 
 
 def test_mlflows_error_code_is_named_once() -> None:
