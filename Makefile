@@ -29,7 +29,7 @@ lint: install ## ruff check, ruff format --check and mypy
 	$(BIN)/mypy --strict scripts/localstack.py
 
 test: install jars ## all tests, with a real Kafka broker and a real MLflow server
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadfile
 
 test-unit: install ## tests that need no Kafka and no MLflow
 	$(BIN)/pytest -m "not integration"

@@ -333,6 +333,11 @@ def verify(
             f"{topic.undecodable} of {topic.records} records could not be decoded "
             "(not expected in MLflow)"
         )
+    if topic.refused:
+        click.echo(
+            f"{topic.refused} of {topic.records} records hold what MLflow refuses (a changed "
+            "param, a bad key, an over-long value): dead-lettered, not expected in MLflow"
+        )
     sys.exit(1 if report else 0)
 
 
@@ -450,6 +455,14 @@ def _refuse_missing_sqlite(tracking_uri: str | None) -> None:
         _fail(f"no MLflow store at {uri}", EXIT_UNAVAILABLE)
 
 
+def _warn_unused(config: SinkConfig) -> None:
+    if config.schema_registry_url and config.framing == "bare":
+        logger.warning(
+            "a Schema Registry URL is set but framing is 'bare': records are read with the "
+            "bundled schema and the registry is not used (add --framing registry to use it)"
+        )
+
+
 def _mlflow_environment() -> None:
     # MLflow's HTTP client retries 429/5xx up to 7 times with long backoff by default; the
     # sink retries whole batches itself, so let each call fail fast instead of stacking.
@@ -488,6 +501,7 @@ def _run_replay(
     check_mlflow(writer)
     codec = make_codec(config.framing, config.schema_registry_url)
     check_registry(codec, config.schema_registry_url)
+    _warn_unused(config)
     job = Replay(
         config,
         codec,
@@ -514,6 +528,7 @@ def _run_sink(config: SinkConfig) -> None:
     writer = MlflowWriter(config.tracking_uri, parallelism=config.writer_threads())
     check_mlflow(writer)
     check_registry(codec, config.schema_registry_url)
+    _warn_unused(config)
     logger.info("kafka-mlflow-sink %s starting with %s", __version__, config.redacted())
     sink = Sink(config, codec, writer)
     _on_stop_signals(sink.stop)

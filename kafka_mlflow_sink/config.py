@@ -92,6 +92,13 @@ class SinkConfig:
                 f"kafka setting {masked[0]!r} is the mask '***' from a printed "
                 "configuration; give the real value"
             )
+        for name in ("tracking_uri", "schema_registry_url"):
+            value = getattr(self, name)
+            if isinstance(value, str) and ":***@" in value:
+                raise ConfigError(
+                    f"{name} holds the mask '***' from a printed configuration; "
+                    "give the real password"
+                )
         reserved = sorted(_RESERVED_KAFKA & set(self.kafka))
         if reserved:
             raise ConfigError(f"kafka setting {reserved[0]!r} is managed by the sink")

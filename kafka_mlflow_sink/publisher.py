@@ -48,7 +48,12 @@ from kafka_mlflow_sink.events import (
     now_ms,
 )
 from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
-from kafka_mlflow_sink.plan import check_artifact_path
+from kafka_mlflow_sink.plan import (
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    check_artifact_path,
+    check_key,
+)
 
 # Inline artifacts travel inside one Kafka record; the broker's default limit is 1 MiB.
 MAX_ARTIFACT_BYTES = 512 * 1024
@@ -158,14 +163,14 @@ class Publisher:
         if run_key is not None and not RUN_KEY_PATTERN.match(run_key):
             raise ValueError(f"run_key {run_key!r} must be 1-200 of [A-Za-z0-9_.:-]")
         parent = self._runs[-1].run_key if self._runs else None
-        run = PublishedRun(run_key or uuid.uuid4().hex, run_name, parent)
-        self._runs.append(run)
         started = RunStarted(
             start_time=now_ms() if start_time is None else start_time,
             run_name=run_name,
-            tags=_strings(tags or {}),
+            tags=_strings(tags or {}, "tag", MAX_TAG_VALUE_LENGTH),
             parent_run_key=parent,
         )
+        run = PublishedRun(run_key or uuid.uuid4().hex, run_name, parent)
+        self._runs.append(run)
         self._send(started)
         return run
 
@@ -191,7 +196,7 @@ class Publisher:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params of the active run in one event."""
         if params:
-            self._send(ParamsLogged(_strings(params)))
+            self._send(ParamsLogged(_strings(params, "param", MAX_PARAM_VALUE_LENGTH)))
 
     def log_metric(
         self, key: str, value: float, step: int = 0, timestamp: int | None = None
@@ -205,6 +210,10 @@ class Publisher:
         """Log several metrics at one step and time in one event."""
         ts = now_ms() if timestamp is None else timestamp
         points = tuple(MetricPoint(k, _float(k, v), int(step), ts) for k, v in metrics.items())
+        for point in points:
+            problem = check_key("metric", point.key)
+            if problem is not None:
+                raise ValueError(f"{problem}; MLflow would refuse it")
         if points:
             self._send(MetricsLogged(points))
 
@@ -215,7 +224,7 @@ class Publisher:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags on the active run in one event."""
         if tags:
-            self._send(TagsSet(_strings(tags)))
+            self._send(TagsSet(_strings(tags, "tag", MAX_TAG_VALUE_LENGTH)))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Send a small file as an artifact of the active run.
@@ -309,8 +318,17 @@ class Publisher:
                 self._failures.append(f"{msg.topic()}: {err.str()}")
 
 
-def _strings(values: Mapping[str, Any]) -> dict[str, str]:
-    return {str(k): str(v) for k, v in values.items()}
+def _strings(values: Mapping[str, Any], kind: str = "", limit: int = 0) -> dict[str, str]:
+    """``values`` as strings; with ``kind``, refused here when MLflow would refuse them."""
+    strings = {str(k): str(v) for k, v in values.items()}
+    if kind:
+        for key, value in strings.items():
+            problem = check_key(kind, key)
+            if problem is None and len(value) > limit:
+                problem = f"{kind} {key!r} has a value of {len(value)} characters, over {limit}"
+            if problem is not None:
+                raise ValueError(f"{problem}; MLflow would refuse it")
+    return strings
 
 
 def _float(key: str, value: Any) -> float:

@@ -27,6 +27,7 @@ from kafka_mlflow_sink.plan import (
     RUN_KEY_TAG,
     START_UNKNOWN_TAG,
     PointId,
+    Rejection,
     RunEvents,
     RunState,
     SourcedEvent,
@@ -61,6 +62,7 @@ class TopicContent:
     runs: dict[str, RunContent]
     records: int
     undecodable: int
+    refused: int = 0  # records MLflow would refuse: the sink dead-letters them
 
 
 def read_topic(
@@ -81,14 +83,23 @@ def read_topic(
                     undecodable += 1
     finally:
         reader.close()
-    return TopicContent(expected_runs(group_by_run(events)), records, undecodable)
+    refused: list[Rejection] = []
+    runs = expected_runs(group_by_run(events), refused)
+    return TopicContent(runs, records, undecodable, len(refused))
 
 
-def expected_runs(runs: Iterable[RunEvents]) -> dict[str, RunContent]:
-    """What MLflow should hold for each run, folded with the sink's own write plan."""
+def expected_runs(
+    runs: Iterable[RunEvents], refused: list[Rejection] | None = None
+) -> dict[str, RunContent]:
+    """What MLflow should hold for each run, folded with the sink's own write plan.
+
+    Records the plan refuses are not expected in MLflow; they are added to ``refused``.
+    """
     expected: dict[str, RunContent] = {}
     for run in runs:
         writes = plan_run(run, RunState())
+        if refused is not None:
+            refused.extend(writes.rejected)
         state = writes.state
         start = run.start
         content = RunContent(

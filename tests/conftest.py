@@ -36,11 +36,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``) the soak runs on one worker
-    while every other test runs, in order, on the other."""
-    for item in items:
-        group = "soak" if item.get_closest_marker("soak") else "suite"
-        item.add_marker(pytest.mark.xdist_group(group))
+    """The soak first: under ``pytest -n 2 --dist loadfile`` (``make test``) one worker starts
+    it at once and the other works through the rest of the suite meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("soak") is None)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -41,6 +41,7 @@ from kafka_mlflow_sink.writer import MlflowWriter
 from tests.support import (
     SinkProcess,
     assert_nothing_lost_or_duplicated,
+    cli,
     consume_all,
     sink_args,
     tally,
@@ -125,6 +126,13 @@ def test_each_bad_record_is_dead_lettered_and_its_neighbours_land(
     assert run.data.params == {"lr": "0.1"} and run.info.status == "FINISHED"
     assert run.data.tags["team"] == "vision" and "framed" not in run.data.tags
     assert run.data.metrics == {"loss": 0.5}
+    verified = cli(
+        "verify", "-b", kafka_bootstrap_servers, "-t", events, "--tracking-uri", mlflow_tracking_uri
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "verified 1 runs: 1 match, 0 differ" in verified.stdout
+    assert "5 of 15 records could not be decoded" in verified.stdout
+    assert "4 of 15 records hold what MLflow refuses" in verified.stdout
     result = tally(
         "bad bytes and values MLflow refuses", kafka_bootstrap_servers, events, mlflow_tracking_uri
     )
