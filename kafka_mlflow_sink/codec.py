@@ -38,6 +38,7 @@ from kafka_mlflow_sink.events import RunEvent, from_record, to_record
 
 Framing = Literal["bare", "registry"]
 SCHEMA_FILE = "run_event.v1.avsc"
+REGISTRY_TIMEOUT = 30  # seconds for one Schema Registry request
 
 
 @cache
@@ -104,7 +105,9 @@ class RegistryCodec:
         if client is None:
             try:
                 client = SchemaRegistryClient.new_client(
-                    {"url": registry_url, **(registry_config or {})}
+                    # Without a timeout a registry that accepts and never answers would
+                    # hold the sink for ever, deaf to SIGTERM.
+                    {"url": registry_url, "timeout": REGISTRY_TIMEOUT, **(registry_config or {})}
                 )
             except Exception as exc:
                 raise ConfigError(f"invalid Schema Registry settings: {describe(exc)}") from exc
@@ -157,14 +160,14 @@ class RegistryCodec:
         try:
             schema = self.client.get_schema(schema_id)
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:
+            if exc.http_status_code == 404 and exc.error_code in (40403, 40400):
                 raise DecodeError(
                     f"schema id {schema_id} is unknown to the Schema Registry"
                 ) from exc
+            # Anything else (401 after a credential rotation, 403, a 404 page from a proxy,
+            # 5xx) is the registry's state, not the record's: wait rather than dead-letter.
             said = concise(describe(exc))[:200]
-            if exc.http_status_code >= 500 or exc.http_status_code in (408, 429):
-                raise RegistryUnavailable(f"Schema Registry answers {said}") from exc
-            raise DecodeError(f"schema id {schema_id} cannot be fetched: {said}") from exc
+            raise RegistryUnavailable(f"Schema Registry answers {said}") from exc
         except Exception as exc:  # connection refused, timeouts, DNS
             raise RegistryUnavailable(f"Schema Registry unreachable: {describe(exc)}") from exc
         if (schema.schema_type or "AVRO") != "AVRO":

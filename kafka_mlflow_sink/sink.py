@@ -215,14 +215,21 @@ class Sink:
             self._resume_if_paused()
             raise
         finally:
-            self.writer.escalate_ambiguous = False
+            escalated, self.writer.escalate_ambiguous = self.writer.escalate_ambiguous, False
         if self._paused:
             attempts = retrying.statistics.get("attempt_number", 0)
-            logger.info(
-                "%s answers again after %s attempts; partitions resumed",
-                self._waiting_for,
-                attempts,
-            )
+            if escalated:
+                logger.info(
+                    "batch settled after %s attempts: what MLflow kept failing on was "
+                    "dead-lettered; partitions resumed",
+                    attempts,
+                )
+            else:
+                logger.info(
+                    "%s answers again after %s attempts; partitions resumed",
+                    self._waiting_for,
+                    attempts,
+                )
             self._resume_if_paused()
         return int(dead)
 
@@ -374,6 +381,15 @@ class Sink:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
+            if time.monotonic() - self._last_wait_report >= self.config.stats_interval:
+                # A long pause (a Retry-After) still shows the sink alive now and then.
+                self._last_wait_report = time.monotonic()
+                logger.info(
+                    "still waiting for %s after %.0fs; next attempt in %.0fs",
+                    self._waiting_for,
+                    time.monotonic() - self._waiting_since,
+                    left,
+                )
             msg = self._consumer.poll(min(left, 0.5))
             self._last_poll = time.monotonic()
             if msg is not None and self._usable(msg):

@@ -37,13 +37,14 @@ class Throttled:
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP date.
 
-    Returns None for a missing or unreadable header; a date in the past means 0.
+    Returns None for a missing or unreadable header; a date in the past means 0, and no
+    answer is longer than ``RETRY_AFTER_CAP``.
     """
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(text)
+    if text.isascii() and text.isdigit():  # "²".isdigit() is true too
+        return min(float(text), RETRY_AFTER_CAP)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -51,7 +52,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when.tzinfo is None:  # HTTP dates are GMT; a zone-less one is read as such
         return None
     seconds = when.timestamp() - (time.time() if now is None else now)
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    return min(max(0.0, seconds), RETRY_AFTER_CAP) if math.isfinite(seconds) else None
 
 
 class ThrottledResponse(Exception):

@@ -20,8 +20,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -187,6 +189,9 @@ class MlflowWriter:
             raise ConfigError(f"tracking URI {uri} is not usable: {reason[:200]}") from exc
         self._experiments: dict[str, str] = {}
         self._runs = _RunCache(max_cached_runs)
+        # Run keys whose "create run" failed in a way that may still succeed on the server
+        # (a timeout): until when to look for that run instead of creating another.
+        self._uncertain_creations: dict[str, float] = {}
         self._local = threading.local()  # the ``between`` of the thread writing a run
         self.parallelism = max(1, parallelism)
         self._pool: ThreadPoolExecutor | None = None
@@ -436,7 +441,10 @@ class MlflowWriter:
             retry_codes=frozenset(),
         )
         if response.status_code in THROTTLING_STATUSES:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            try:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            except Exception:  # whatever the header holds, the answer still says "wait"
+                retry_after = None
             raise ThrottledResponse(response.status_code, retry_after, answer_detail(response.text))
         verify_rest_response(response, _LOG_BATCH_ENDPOINT)
 
@@ -469,6 +477,7 @@ class MlflowWriter:
             experiment_id = self._experiment_id(run.experiment_name, run.run_key)
             known = self._find(experiment_id, run.run_key)
             if known is not None:
+                self._uncertain_creations.pop(run.run_key, None)
                 report.runs_found += 1
             else:
                 known = self._create(experiment_id, run)
@@ -562,15 +571,30 @@ class MlflowWriter:
             parent_id = self._parent_run_id(experiment_id, parent_key)
             if parent_id is not None:
                 tags[PARENT_RUN_TAG] = parent_id
-        created = self._call(
-            "create run",
-            run.run_key,
-            self.client.create_run,
-            experiment_id,
-            start_time=start.start_time if start else run.first_created_at,
-            tags=tags,
-            run_name=run_name(run.run_key, start),
-        )
+        pending = self._uncertain_creations.get(run.run_key)
+        if pending is not None and time.monotonic() < pending:
+            raise TransientWriteError(
+                f"create run: an earlier attempt for run key {run.run_key} timed out and may "
+                "still land in MLflow; looking for it again before creating another",
+                run.run_key,
+            )
+        try:
+            created = self._call(
+                "create run",
+                run.run_key,
+                self.client.create_run,
+                experiment_id,
+                start_time=start.start_time if start else run.first_created_at,
+                tags=tags,
+                run_name=run_name(run.run_key, start),
+            )
+        except TransientWriteError as exc:
+            if _may_have_landed(exc.reason):
+                # The server may still create it after the client gave up: creating again
+                # now would leave two MLflow runs for one run key.
+                self._uncertain_creations[run.run_key] = time.monotonic() + _settle_seconds()
+            raise
+        self._uncertain_creations.pop(run.run_key, None)
         run_id = created.info.run_id
         state = RunState(tags=dict(created.data.tags), status=created.info.status)
         winner = self._settle_creation(experiment_id, run.run_key, run_id)
@@ -714,6 +738,23 @@ def check_mlflow(writer: MlflowWriter) -> None:
         reason = classify(exc, "search experiments").reason
         uri = redact_uri(writer.client.tracking_uri)
         raise MlflowUnavailable(f"cannot reach MLflow at {uri}: {reason}") from exc
+
+
+def _may_have_landed(reason: str) -> bool:
+    """Whether a failed request may have reached MLflow and be carried out after all."""
+    lowered = reason.lower()
+    unsent = ("connection refused", "newconnectionerror", "failed to establish", "name or service")
+    refused = ("429", "503", "throttles", "is busy")
+    return not any(word in lowered for word in unsent + refused)
+
+
+def _settle_seconds() -> float:
+    """How long a timed-out request may still be carried out: twice the HTTP timeout."""
+    try:
+        timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
+    except ValueError:
+        timeout = 120.0
+    return 2 * timeout + 5
 
 
 class _RunCache:

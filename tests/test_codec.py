@@ -240,3 +240,33 @@ def test_a_newer_producers_unknown_event_type_is_refused_with_a_reason() -> None
     codec, data = _write_with(_evolved(add), record)
     with pytest.raises(DecodeError, match="has no payload"):
         codec.decode(data, TOPIC)
+
+
+class _RefusingRegistry:
+    """A registry client whose schema lookups fail the way a real registry's can."""
+
+    def __init__(self, status: int, code: int) -> None:
+        self.status, self.code = status, code
+
+    def get_schema(self, schema_id: int) -> None:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        raise SchemaRegistryError(self.status, self.code, "refused")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (401, 401, RegistryUnavailable),  # credentials rotated: wait, every record is fine
+        (403, 40301, RegistryUnavailable),
+        (404, -1, RegistryUnavailable),  # a proxy's 404 page, not the registry's answer
+        (500, 50001, RegistryUnavailable),
+        (404, 40403, DecodeError),  # the registry says this schema id does not exist
+    ],
+)
+def test_only_an_unknown_schema_id_is_the_records_fault(
+    status: int, code: int, error: type[Exception]
+) -> None:
+    codec = RegistryCodec(client=_RefusingRegistry(status, code))
+    with pytest.raises(error):
+        codec.decode(b"\x00\x00\x00\x00\x07\x02", TOPIC)

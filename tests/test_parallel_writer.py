@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -113,6 +114,34 @@ def test_a_throttled_run_fails_the_whole_batch_and_the_retry_writes_it_once(
             writer.apply(group_by_run(events))
         finally:
             writer.close()
+    expected = expected_runs(group_by_run(events))
+    actual = read_mlflow(MlflowWriter(mlflow_tracking_uri).client, expected)
+    assert differences(expected, actual) == {}
+
+
+def test_a_create_that_times_out_but_lands_later_is_found_not_created_twice(
+    mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as the CLI sets it
+    experiment = f"late-create-{uuid.uuid4().hex[:8]}"
+    events = family_batch(experiment, 1)[:2]  # one run: started, params
+    with ThrottlingProxy(mlflow_tracking_uri) as proxy:
+        writer = MlflowWriter(proxy.url)
+        proxy.delay_next("runs/create", 4.0)  # the client gives up after 2 s
+        with pytest.raises(TransientWriteError, match="timed out"):
+            writer.apply(group_by_run(events))
+        with pytest.raises(TransientWriteError, match="may still land in MLflow"):
+            writer.apply(group_by_run(events))  # at once: the late create is not in yet
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                report = writer.apply(group_by_run(events))
+                break
+            except TransientWriteError:
+                assert time.monotonic() < deadline, "the late create never appeared"
+                time.sleep(0.5)
+    assert (report.runs_created, report.runs_found) == (0, 1)
     expected = expected_runs(group_by_run(events))
     actual = read_mlflow(MlflowWriter(mlflow_tracking_uri).client, expected)
     assert differences(expected, actual) == {}

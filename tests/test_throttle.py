@@ -32,6 +32,9 @@ NOW = 1_800_000_000.0
         ("-3", None),
         ("soon", None),
         ("1.5", None),  # delay-seconds are whole numbers
+        ("\u00b2", None),  # a digit to str.isdigit, not to float
+        ("999999999", RETRY_AFTER_CAP),
+        (email.utils.formatdate(NOW + 10**9, usegmt=True), RETRY_AFTER_CAP),
     ],
 )
 def test_retry_after_is_seconds_or_an_http_date(header: str | None, seconds: float | None) -> None:

@@ -1,4 +1,4 @@
-"""An HTTP proxy in front of a real MLflow server that throttles on demand.
+"""An HTTP proxy in front of a real MLflow server that throttles or stalls on demand.
 
 MLflow's own server never throttles; gateways in front of it do. The proxy forwards every
 request to the real server, except that the next ``log-batch`` calls can be answered with
@@ -33,6 +33,7 @@ class ThrottlingProxy:
         self.upstream = urllib.parse.urlparse(upstream)
         self.calls: list[Call] = []
         self._answers: deque[tuple[int, str | None]] = deque()
+        self._delays: list[tuple[str, float]] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -45,6 +46,9 @@ class ThrottlingProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                delay = proxy._next_delay(self.path)
+                if delay:
+                    time.sleep(delay)  # the client gives up; the server still gets the request
                 throttle = proxy._next_answer(self.path)
                 if throttle is not None:
                     status, retry_after = throttle
@@ -85,6 +89,19 @@ class ThrottlingProxy:
         """Answer the next ``times`` log-batch calls with ``status`` and ``Retry-After``."""
         with self._lock:
             self._answers.extend([(status, retry_after)] * times)
+
+    def delay_next(self, path_part: str, seconds: float) -> None:
+        """Hold the next request whose path contains ``path_part``, then forward it."""
+        with self._lock:
+            self._delays.append((path_part, seconds))
+
+    def _next_delay(self, path: str) -> float:
+        with self._lock:
+            for i, (part, seconds) in enumerate(self._delays):
+                if part in path:
+                    del self._delays[i]
+                    return seconds
+        return 0.0
 
     def log_batch_calls(self) -> list[Call]:
         with self._lock:
