@@ -49,6 +49,15 @@ from localstack import KafkaBroker, MlflowServer, create_topic  # noqa: E402
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 CHUNK_SIZES = (250, 1000)
+# The targets of the performance issue, by the end of a headline's name.
+TARGETS = {
+    "sqlite: sink / ceiling": (">=", 0.9),
+    "server: sink / ceiling": (">=", 1.8),
+    "sink / naive": (">=", 40.0),
+    "p99 produce to committed (s)": ("<=", 1.0),
+    "two sinks / one": (">=", 1.7),
+    "sink peak RSS (MB)": ("<=", 250.0),
+}
 EXPERIMENT = "bench"
 
 
@@ -301,11 +310,26 @@ class SinkRun:
         return _usage(usage)
 
 
-def group_lag(bootstrap: str, topic: str, group: str) -> int:
-    from kafka_mlflow_sink.config import SinkConfig
-    from kafka_mlflow_sink.offsets import group_lag as lag
+class LagWatch:
+    """One consumer that only reads a group's committed offsets against the end offsets."""
 
-    return sum(row.lag for row in lag(SinkConfig(bootstrap, (topic,), group_id=group)))
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._partitions = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._ends = {
+            tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
+            for tp in self._partitions
+        }
+
+    def lag(self) -> int:
+        committed = self._consumer.committed(self._partitions, timeout=10)
+        return sum(self._ends[tp.partition] - max(tp.offset, 0) for tp in committed)
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def measure_sink(
@@ -326,10 +350,12 @@ def measure_sink(
                 profile if i == 0 else None)
         for i in range(instances)
     ]  # fmt: skip
+    watch = LagWatch(bootstrap, topic, group)  # the topic is full: its end offsets are final
     began = max(s.wait_for("partitions assigned") for s in sinks)
-    while group_lag(bootstrap, topic, group) > 0:
+    while watch.lag() > 0:
         time.sleep(0.05)
     seconds = time.monotonic() - began
+    watch.close()
     usage = [s.stop() for s in sinks]
     return Measured(
         shape.points, seconds, max(u[0] for u in usage), sum(u[1] for u in usage),
@@ -505,6 +531,7 @@ def report(results: list[dict[str, Any]], shape: Shape) -> dict[str, Any]:
                 )
         headline[f"{kind}: sink / ceiling"] = r["sink"].rate / r["ceiling"].rate
         headline[f"{kind}: sink / naive"] = r["sink"].rate / max(r["naive"].rate, 1e-9)
+        headline[f"{kind}: sink peak RSS (MB)"] = r["sink"].peak_rss_mb
         if "sink_two" in r:
             headline[f"{kind}: two sinks / one"] = r["sink_two"].rate / r["sink"].rate
         if "latency" in r:
@@ -523,7 +550,13 @@ def report(results: list[dict[str, Any]], shape: Shape) -> dict[str, Any]:
         )
     print()
     for name, value in headline.items():
-        print(f"{name:<45} {value:8.2f}")
+        target = next((t for suffix, t in TARGETS.items() if name.endswith(suffix)), None)
+        if target is None:
+            print(f"{name:<45} {value:8.2f}")
+            continue
+        kind, bound = target
+        met = value >= bound if kind == ">=" else value <= bound
+        print(f"{name:<45} {value:8.2f}   target {kind} {bound:g}: {'met' if met else 'NOT met'}")
     return {
         "shape": asdict(shape),
         "rows": rows,
