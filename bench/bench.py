@@ -286,7 +286,7 @@ class SinkRun:
             command = [sys.executable, "-m", "cProfile", "-o", str(profile), command[0]]
         command += [
             "run", "-b", bootstrap, "-t", topic, "-g", group, "--tracking-uri", uri,
-            "--batch-max-wait", "0.2", "--log-level", "INFO",
+            "--log-level", "INFO",
         ]  # fmt: skip
         self.log = log
         with log.open("ab") as out:

@@ -151,7 +151,7 @@ def _source_options(fn: F) -> F:
     "--batch-max-wait",
     type=float,
     envvar=ENV_PREFIX + "BATCH_MAX_WAIT",
-    help="Seconds to wait for a batch to fill. [default: 1.0]",
+    help="Seconds to wait for a batch to fill. [default: 0.25]",
 )
 @click.option(
     "--stats-interval",

@@ -58,7 +58,7 @@ class SinkConfig:
     framing: str = "bare"
     schema_registry_url: str | None = None
     batch_max_records: int = 5000
-    batch_max_wait: float = 1.0
+    batch_max_wait: float = 0.25
     retry_initial_wait: float = 0.5
     retry_max_wait: float = 30.0
     stats_interval: float = 60.0
