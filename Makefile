@@ -28,8 +28,15 @@ lint: install ## ruff check, ruff format --check and mypy
 	$(BIN)/mypy
 	$(BIN)/mypy --strict scripts/localstack.py
 
+# The ten-minute soak runs in a pytest of its own beside the rest of the suite; its output,
+# with the table of every reliability scenario, follows the suite's.
 test: install jars ## all tests, with a real Kafka broker and a real MLflow server
-	$(BIN)/pytest -n 2 --dist loadfile
+	@mkdir -p build
+	@$(BIN)/pytest -m soak > build/soak-test.log 2>&1 & soak=$$!; \
+	$(BIN)/pytest -m "not soak"; suite=$$?; \
+	echo "--- waiting for the soak (tests/test_soak.py) ---"; \
+	wait $$soak; soaked=$$?; cat build/soak-test.log; \
+	test $$suite -eq 0 -a $$soaked -eq 0
 
 test-unit: install ## tests that need no Kafka and no MLflow
 	$(BIN)/pytest -m "not integration"

@@ -35,12 +35,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             old.unlink(missing_ok=True)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The soak first: under ``pytest -n 2 --dist loadfile`` (``make test``) one worker starts
-    it at once and the other works through the rest of the suite meanwhile."""
-    items.sort(key=lambda item: item.get_closest_marker("soak") is None)
-
-
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The reliability scenarios of this session as one table: where every record went."""
     if "PYTEST_XDIST_WORKER" in os.environ or not TALLY_DIR.is_dir():
