@@ -132,6 +132,17 @@ class _KnownRun:
     state: RunState
 
 
+def _most_telling(errors: list[BaseException]) -> BaseException:
+    """Of the failures of threads writing one batch, the one the retry loop must see.
+
+    A thread stopped because another failed says nothing; of real failures, the one whose
+    server asked for the longest pause wins, so the next attempt honours every Retry-After
+    answered at once, not just the first thread's.
+    """
+    real = [e for e in errors if not isinstance(e, Abandoned)] or errors
+    return max(real, key=lambda e: getattr(e, "retry_after", None) or 0.0)
+
+
 def classify(exc: BaseException, action: str, run_key: str | None = None) -> WriteError:
     """The ``WriteError`` an exception raised by ``MlflowClient`` stands for.
 
@@ -323,8 +334,7 @@ class MlflowWriter:
                 wait(futures)
         errors = [e for f in futures if (e := f.exception()) is not None]
         if errors:
-            first = next((e for e in errors if not isinstance(e, Abandoned)), errors[0])
-            raise first
+            raise _most_telling(errors)
         report = WriteReport()
         for future in futures:
             part = future.result()

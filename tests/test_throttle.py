@@ -7,7 +7,7 @@ import email.utils
 import pytest
 from tenacity import RetryCallState, Retrying
 
-from kafka_mlflow_sink.errors import TransientWriteError
+from kafka_mlflow_sink.errors import Abandoned, TransientWriteError
 from kafka_mlflow_sink.throttle import (
     RETRY_AFTER_CAP,
     ThrottledResponse,
@@ -15,7 +15,7 @@ from kafka_mlflow_sink.throttle import (
     backoff,
     parse_retry_after,
 )
-from kafka_mlflow_sink.writer import classify
+from kafka_mlflow_sink.writer import _most_telling, classify
 
 NOW = 1_800_000_000.0
 
@@ -61,6 +61,18 @@ def test_a_huge_retry_after_is_capped_and_a_missing_one_leaves_plain_backoff() -
     silent = classify(ThrottledResponse(503, None), "log_batch")
     assert silent.retry_after is None and "Retry-After" not in silent.reason
     assert all(0 <= waited(silent, 0.5, 2.0) <= 2.0 for _ in range(20))
+
+
+def test_of_throttled_answers_given_at_once_the_longest_pause_is_honoured() -> None:
+    # Writer threads of one batch can be throttled by the same burst of answers.
+    stopped = Abandoned("another part of the batch failed")
+    short = classify(ThrottledResponse(429, 2.0), "log_batch", "a")
+    long = classify(ThrottledResponse(503, 3.0), "log_batch", "b")
+    silent = classify(ThrottledResponse(429, None), "log_batch", "c")
+    assert _most_telling([stopped, short, silent, long]) is long
+    assert waited(_most_telling([short, stopped, long])) >= 3.0
+    assert _most_telling([stopped, silent]) is silent
+    assert _most_telling([stopped]) is stopped
 
 
 @pytest.mark.parametrize(

@@ -44,12 +44,13 @@ class ThrottlingProxy:
                 pass
 
             def _handle(self) -> None:
+                arrived = time.monotonic()
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 delay = proxy._next_delay(self.path)
                 if delay:
                     time.sleep(delay)  # the client gives up; the server still gets the request
-                throttle = proxy._next_answer(self.path)
+                throttle = proxy._next_answer(self.path, arrived)
                 if throttle is not None:
                     status, retry_after = throttle
                     payload = b'{"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "slow down"}'
@@ -65,7 +66,7 @@ class ThrottlingProxy:
                     self.command, self.path, self.headers, body
                 )
                 if "log-batch" in self.path:
-                    proxy._note(status)
+                    proxy._note(arrived, status)
                 self.send_response(status)
                 for name, value in headers:
                     if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -104,22 +105,23 @@ class ThrottlingProxy:
         return 0.0
 
     def log_batch_calls(self) -> list[Call]:
+        """Every ``log-batch`` call so far, in the order they arrived."""
         with self._lock:
-            return list(self.calls)
+            return sorted(self.calls, key=lambda call: call.at)
 
-    def _next_answer(self, path: str) -> tuple[int, str | None] | None:
+    def _next_answer(self, path: str, arrived: float) -> tuple[int, str | None] | None:
         if "log-batch" not in path:
             return None
         with self._lock:
             if not self._answers:
                 return None
             answer = self._answers.popleft()
-            self.calls.append(Call(time.monotonic(), answer[0]))
+            self.calls.append(Call(arrived, answer[0]))
             return answer
 
-    def _note(self, status: int) -> None:
+    def _note(self, arrived: float, status: int) -> None:
         with self._lock:
-            self.calls.append(Call(time.monotonic(), status))
+            self.calls.append(Call(arrived, status))
 
     def _forward(
         self, method: str, path: str, headers: object, body: bytes
