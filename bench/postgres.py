@@ -26,7 +26,8 @@ from localstack import free_port
 def _bin_dir() -> Path:
     found = shutil.which("pg_ctl")
     if found:
-        return Path(found).parent
+        # Debian links pg_ctl alone onto PATH; initdb and createdb sit beside its target.
+        return Path(found).resolve().parent
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if candidates:
         return Path(candidates[-1]).parent
@@ -61,7 +62,10 @@ class Postgres:
         command = [str(self.bin / args[0]), *args[1:]]
         if self._as_root:
             command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode != 0:
+            said = done.stderr.decode(errors="replace").strip()
+            raise RuntimeError(f"PostgreSQL's {args[0]} failed: {said or done.returncode}")
 
     def start(self) -> None:
         if self._as_root:

@@ -40,11 +40,19 @@ class SinkStats:
 
     def line(self) -> str:
         return (
-            f"{self.records} records in {self.batches} batches, {self.points} metric points, "
-            f"{self.runs_created} runs created, "
-            f"{self.runs_found} found, {self.artifacts} artifacts, "
+            f"{counted(self.records, 'record')} in {counted(self.batches, 'batch')}, "
+            f"{counted(self.points, 'metric point')}, "
+            f"{counted(self.runs_created, 'run')} created, "
+            f"{self.runs_found} found, {counted(self.artifacts, 'artifact')}, "
             f"{self.dead_lettered} dead-lettered"
         )
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 run``, ``2 runs``, ``3 batches``: a count and its noun, for summary lines."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "ch")) else f"{n} {noun}s"
 
 
 class BatchApplier:

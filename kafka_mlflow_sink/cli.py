@@ -89,7 +89,8 @@ _writers_option = click.option(
     "--writers",
     type=click.IntRange(0, 64),
     envvar=ENV_PREFIX + "WRITERS",
-    help="Runs written to MLflow at once. [default: 4 through a tracking server, else 1]",
+    help="Runs written to MLflow at once; 0 picks for the store. "
+    "[default: 0, which is 4 through a tracking server, else 1]",
 )
 _dead_letter_option = click.option(
     "--dead-letter-topic",
@@ -120,9 +121,9 @@ def _source_options(fn: F) -> F:
         ),
         click.option(
             "--log-level",
-            default="INFO",
+            default="info",
             envvar=ENV_PREFIX + "LOG_LEVEL",
-            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
             show_default=True,
         ),
     ]
@@ -177,6 +178,8 @@ def run(
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
     if print_config:
         click.echo(to_toml(config.redacted()))
+        if not config.writers:
+            click.echo(f"# writers = 0 writes {config.writer_threads()} run(s) at once here")
         return
     _guard(lambda: _run_sink(config))
 

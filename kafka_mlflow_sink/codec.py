@@ -61,6 +61,14 @@ class Codec(Protocol):
     def decode(self, value: bytes | None, topic: str) -> RunEvent: ...
 
 
+def _avro_failure(exc: BaseException) -> str:
+    """What fastavro's failure to read a value means, in words a producer's owner can act on."""
+    if isinstance(exc, EOFError):
+        # fastavro's own text ("Expected -1 bytes, read 9") says nothing to a reader.
+        return "the value ends before the event does (truncated, or not Avro at all)"
+    return describe(exc)
+
+
 class BareCodec:
     """Avro binary without framing, read with the bundled schema."""
 
@@ -76,7 +84,7 @@ class BareCodec:
         try:
             record = fastavro.schemaless_reader(buffer, parsed_schema(), parsed_schema())
         except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, ...
-            raise DecodeError(f"not a bare Avro run event: {describe(exc)}") from exc
+            raise DecodeError(f"not a bare Avro run event: {_avro_failure(exc)}") from exc
         if buffer.tell() != len(value):
             extra = len(value) - buffer.tell()
             raise DecodeError(f"bare Avro run event followed by {extra} unexpected bytes")
@@ -141,7 +149,7 @@ class RegistryCodec:
             raise
         except Exception as exc:  # fastavro raises EOFError, ValueError, SchemaResolutionError...
             raise DecodeError(
-                f"not a registry-framed run event (schema id {schema_id}): {describe(exc)}"
+                f"not a registry-framed run event (schema id {schema_id}): {_avro_failure(exc)}"
             ) from exc
         if buffer.tell() != len(value):
             extra = len(value) - buffer.tell()

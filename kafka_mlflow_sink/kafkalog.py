@@ -2,8 +2,10 @@
 
 librdkafka logs every failed connection attempt, several a second while a broker is away.
 The filter here lets one line of each kind through per minute and demotes the lines of
-things librdkafka retries by itself to INFO. It adds no handler: where the lines go is the
-application's choice (the Publisher is a library and configures no logging).
+things librdkafka retries by itself (a coordinator still loading, say) to DEBUG: they are
+routine, and a failure that lasts shows up in the sink's own lines. It adds no handler:
+where the lines go is the application's choice (the Publisher is a library and configures
+no logging).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _NUMBERS = re.compile(r"\d+")
 class RepeatFilter(logging.Filter):
     """Drops a line seen in the last ``window`` seconds; demotes self-retried trouble."""
 
+    # Lines librdkafka writes about trouble it retries by itself.
+    SELF_RETRIED = "retrying"
+
     def __init__(self, window: float = REPEAT_WINDOW) -> None:
         super().__init__()
         self._window = window
@@ -36,8 +41,9 @@ class RepeatFilter(logging.Filter):
         if len(self._seen) > 1000:
             self._seen.clear()
         self._seen[shape] = now
-        if record.levelno > logging.INFO and "retrying" in text:
-            record.levelno, record.levelname = logging.INFO, "INFO"
+        if self.SELF_RETRIED in text and record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 

@@ -8,6 +8,7 @@ range is done at once. With ``follow`` the reader keeps going past those ends in
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from kafka_mlflow_sink.errors import ConfigError, SinkError
 from kafka_mlflow_sink.kafkalog import describe_kafka_error
+
+logger = logging.getLogger(__name__)
 
 WATERMARK_TIMEOUT = 10.0
 # Integers below this are seconds or a typo, not epoch milliseconds (it is 2001-09-09 in ms).
@@ -212,7 +215,18 @@ class TopicReader:
     def _start(self, topic: str, partition: int, low: int, high: int, start_at: StartAt) -> int:
         if start_at.offsets:
             # Partitions without a given offset are not read.
-            return min(max(start_at.offsets.get((topic, partition), high), low), high)
+            given = start_at.offsets.get((topic, partition), high)
+            if given > high:
+                logger.warning(
+                    "%s[%d]: offset %d is past the partition's end (%d): nothing to read there",
+                    topic, partition, given, high,
+                )  # fmt: skip
+            elif given < low:
+                logger.warning(
+                    "%s[%d]: offset %d is no longer kept; reading from the earliest, %d",
+                    topic, partition, given, low,
+                )  # fmt: skip
+            return min(max(given, low), high)
         if start_at.timestamp_ms is None:
             return low
         (found,) = self._consumer.offsets_for_times(

@@ -27,7 +27,7 @@ from tenacity import (
     stop_after_delay,
 )
 
-from kafka_mlflow_sink.batch import BatchApplier, SinkStats
+from kafka_mlflow_sink.batch import BatchApplier, SinkStats, counted
 from kafka_mlflow_sink.codec import Codec
 from kafka_mlflow_sink.config import SinkConfig
 from kafka_mlflow_sink.deadletter import DeadLetterWriter
@@ -56,10 +56,12 @@ class ReplayResult:
         s = self.stats
         state = "stopped" if self.interrupted else "complete"
         return (
-            f"replay {state}: {s.records} records, {s.runs_created} runs created, "
-            f"{s.runs_found} found, {s.points} metric points written, {s.artifacts} artifacts, "
-            f"{s.dead_lettered} records not written (dead-lettered or logged), "
-            f"{self.remaining} records left, {self.elapsed:.1f}s elapsed"
+            f"replay {state}: {counted(s.records, 'record')}, "
+            f"{counted(s.runs_created, 'run')} created, {s.runs_found} found, "
+            f"{counted(s.points, 'metric point')} written, "
+            f"{counted(s.artifacts, 'artifact')} (re)written, "
+            f"{s.dead_lettered} not written (dead-lettered or logged), "
+            f"{counted(self.remaining, 'record')} left, {self.elapsed:.1f}s elapsed"
         )
 
 
@@ -117,12 +119,13 @@ class Replay:
         reader = TopicReader(self._settings, self.config.topics, self.start_at, self.follow)
         total = reader.remaining
         logger.info(
-            "replaying %s %s: %d records in %d partitions%s",
+            "replaying %s %s: %s in %d of %s%s",
             ", ".join(self.config.topics),
             self.start_at.describe(),
-            total,
-            sum(1 for r in reader.ranges if self.follow or not r.done),
-            ", then following" if self.follow else "",
+            counted(total, "record"),
+            sum(1 for r in reader.ranges if not r.done),
+            counted(len(reader.ranges), "partition"),
+            ", then following all of them" if self.follow else "",
         )
         progress = _Progress(total, self._progress, self.config.stats_interval)
         try:

@@ -158,8 +158,13 @@ def classify(exc: BaseException, action: str, run_key: str | None = None) -> Wri
     text = concise(redact_uri(" ".join(str(exc).split())))[:300]
     code = getattr(exc, "error_code", None)
     said = text or type(exc).__name__
+    # MLflow tags a request that never got an answer INTERNAL_ERROR; naming that code would
+    # suggest a server fault where the server was not even reached.
+    unanswered = said.startswith("API request to")
     reason = (
-        f"{action}: {code}: {said}" if code and not said.startswith(code) else f"{action}: {said}"
+        f"{action}: {code}: {said}"
+        if code and not said.startswith(code) and not unanswered
+        else f"{action}: {said}"
     )
     lowered = text.lower()
     if (

@@ -181,6 +181,8 @@ def test_missing_topic_and_unreachable_mlflow_are_one_line_each(
     )
     assert down.returncode == 3
     assert "error: cannot reach MLflow at http://127.0.0.1:1" in down.stderr
+    # A refused connection is not a server fault: MLflow's INTERNAL_ERROR tag is not repeated.
+    assert "Connection refused" in down.stderr and "INTERNAL_ERROR" not in down.stderr
     assert "Traceback" not in down.stderr + missing.stderr
 
 
@@ -274,3 +276,13 @@ def test_create_topics_says_what_it_did_and_an_unreachable_broker_is_exit_3(
         "cannot reach Kafka at 127.0.0.1:1 within 10s "
         "(Failed to get metadata: Local: Broker transport failure)"
     )
+
+
+@pytest.mark.parametrize(
+    ("uri", "threads"), [("http://mlflow:5000", 4), ("sqlite:///mlflow.db", 1)]
+)
+def test_printed_config_says_what_automatic_writers_mean(uri: str, threads: int) -> None:
+    code, out = invoke("run", "-b", "x:1", "--tracking-uri", uri, "--print-config")
+    assert code == 0
+    assert "writers = 0\n" in out
+    assert f"# writers = 0 writes {threads} run(s) at once here" in out

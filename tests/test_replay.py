@@ -187,7 +187,7 @@ def test_a_sink_killed_between_write_and_commit_neither_loses_nor_duplicates(
     wait_for_zero_lag(kafka_bootstrap_servers, events, "crash", again)
     assert again.stop() == 0
     assert re.search(
-        r"stopping: 103 records in \d+ batches, 0 metric points, 0 runs created, 1 found",
+        r"stopping: 103 records in \d+ batch(es)?, 0 metric points, 0 runs created, 1 found",
         again.log(),
     ), again.log()
     assert_mlflow_holds(truth, mlflow_runs(mlflow_tracking_uri, truth))
@@ -232,7 +232,7 @@ def test_replay_from_a_time_within_a_run_from_after_the_end_and_with_empty_parti
 
     result = cli(*base, "--from-timestamp", middle.isoformat())
     assert result.returncode == 0, result.stderr
-    assert "replay complete: 6 records, 1 runs created" in result.stderr
+    assert "replay complete: 6 records, 1 run created" in result.stderr
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("midway").experiment_id])
     assert run.data.tags[START_UNKNOWN_TAG] == "true" and run.info.status == "FINISHED"
@@ -261,20 +261,18 @@ def test_replay_from_offsets_reads_only_the_named_partitions(
         for step in range(5):
             pub.log_metric("m", float(step), step=step)
     store = f"sqlite:///{tmp_path / 'c.db'}"
-    result = cli(
-        "replay",
-        "-b",
-        kafka_bootstrap_servers,
-        "-t",
-        events,
-        "--no-progress",
-        "--tracking-uri",
-        store,
-        "--from-offsets",
-        f"{events}:0=4",
-    )
+    base = ["replay", "-b", kafka_bootstrap_servers, "-t", events, "--no-progress"]
+    base += ["--tracking-uri", store]
+    result = cli(*base, "--from-offsets", f"{events}:0=4")
     assert result.returncode == 0, result.stderr
     assert "replay complete: 3 records" in result.stderr  # offsets 4, 5 (metrics) and 6 (end)
+    assert "3 records in 1 of 1 partition" in result.stderr
+    beyond = cli(*base, "--from-offsets", f"{events}:0=99")
+    assert beyond.returncode == 0, beyond.stderr
+    assert f"{events}[0]: offset 99 is past the partition's end (7): nothing to read" in (
+        beyond.stderr
+    )
+    assert "replay complete: 0 records" in beyond.stderr
     bad = cli(
         "replay",
         "-b",
@@ -329,4 +327,4 @@ def test_replay_with_follow_keeps_writing_until_stopped(
         follower.send_signal(signal.SIGTERM)
         follower.wait(timeout=60)
     assert follower.returncode == 0, log.read_text()
-    assert "replay stopped: 3 records, 1 runs created" in log.read_text()
+    assert "replay stopped: 3 records, 1 run created" in log.read_text()
