@@ -409,7 +409,8 @@ def _guard(action: Callable[[], T]) -> T:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"kafka-mlflow-sink: error: {message}", err=True)
+    # Settings are quoted back in errors; a URI among them may hold a secret.
+    click.echo(f"kafka-mlflow-sink: error: {redact_uri(message)}", err=True)
     sys.exit(code)
 
 
@@ -419,12 +420,17 @@ def _load_config(
     values: dict[str, Any] = {}
     if config_file is not None:
         values = _read_toml(config_file)
-    kafka = {**values.pop("kafka", {}), **parse_pairs(kafka_pairs, "--kafka")}
+    from_file = values.pop("kafka", {})
+    if not isinstance(from_file, dict):
+        raise ConfigError(f"kafka must be a table of librdkafka settings, not {from_file!r}")
+    kafka = {**from_file, **parse_pairs(kafka_pairs, "--kafka")}
     given = {k: v for k, v in flags.items() if v not in (None, ())}
     values.update(given)
     topics = values.get("topics") or ("mlflow-events",)
     if isinstance(topics, str):
         topics = (topics,)
+    if not isinstance(topics, list | tuple) or not all(isinstance(t, str) for t in topics):
+        raise ConfigError(f"topics must be a list of topic names, not {topics!r}")
     # Flags repeat, the environment and TOML may list several topics with commas.
     values["topics"] = tuple(t.strip() for item in topics for t in item.split(",") if t.strip())
     values["kafka"] = {str(k): str(v) for k, v in kafka.items()}

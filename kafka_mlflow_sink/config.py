@@ -132,6 +132,10 @@ class SinkConfig:
         ):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, not {getattr(self, name)!r}")
+        for name in ("tracking_uri", "schema_registry_url"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, not {value!r}")
         if not isinstance(self.kafka, Mapping):
             raise ConfigError("kafka must be a table of librdkafka settings")
 
@@ -226,9 +230,22 @@ def redact(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in settings.items()}
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` without the password of its user-info part."""
-    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", uri)
+_SECRET_QUERY = re.compile(
+    r"([?&][^=&#\s]*(?:token|password|passwd|secret|key|auth|sig|credential)[^=&#\s]*=)"
+    r"[^&#\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the secrets of every URI in it masked.
+
+    A password in the user-info part, a user-info part without a password (often a token),
+    and query values whose names look secret (``?token=``, ``&sig=``) become ``***``.
+    """
+    text = re.sub(r"(//[^:/@\s]+:)[^@/\s]+@", r"\1***@", text)
+    text = re.sub(r"//[^:/@\s'\"]+@", "//***@", text)
+    return _SECRET_QUERY.sub(r"\1***", text)
 
 
 def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:

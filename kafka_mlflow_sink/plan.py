@@ -53,10 +53,15 @@ MAX_PATH_PART_BYTES = 255  # generous JSON size of one metric point without its 
 # Tags the sink itself keeps on every run it writes.
 RUN_KEY_TAG = "kafka_mlflow_sink.run_key"
 START_UNKNOWN_TAG = "kafka_mlflow_sink.start_unknown"
+# When the sink created the run (epoch ms, its clock): orders runs created twice at once.
+CREATED_AT_TAG = "kafka_mlflow_sink.created_at"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 # The parent's run key, kept on a child so the parent can find it when it is created later.
 PARENT_KEY_TAG = "kafka_mlflow_sink.parent_run_key"
 RUN_NAME_TAG = "mlflow.runName"
+# Tags under this prefix are the sink's own bookkeeping (how a run is found again, how a
+# child finds its parent); an event setting one could make the sink lose track of a run.
+RESERVED_TAG_PREFIX = "kafka_mlflow_sink."
 
 _KEY_PATTERN = re.compile(r"^[/\w.\- :]*$")
 # SQL stores keep infinities as the largest finite doubles; compare points the same way.
@@ -251,6 +256,8 @@ def plan_run(run: RunEvents, known: RunState) -> RunWrites:
             writes.rejected.append(Rejection(position, problem))
             continue
         _fold(payload, position, writes, packer)
+    # A tag changed and changed back within the plan needs no write at all.
+    packer.drop_tags(lambda key, value: known.tags.get(key) == value)
     return writes
 
 
@@ -295,11 +302,11 @@ def _check(payload: object, state: RunState) -> str | None:
         return _check_params(payload.params, state)
     elif isinstance(payload, TagsSet | RunStarted):
         for key, value in payload.tags.items():
-            problem = check_key("tag", key) or _check_length(
-                "tag", key, value, MAX_TAG_VALUE_LENGTH
-            )
+            problem = check_tag(key, value)
             if problem:
                 return problem
+        if isinstance(payload, RunStarted):
+            return check_run_name(payload.run_name, payload.tags)
     elif isinstance(payload, ArtifactLogged):
         return check_artifact_path(payload.path)
     return None
@@ -335,6 +342,24 @@ def check_key(kind: str, key: str) -> str | None:
     norm = posixpath.normpath(key)
     if norm != key or norm == "." or norm.startswith(("..", "/")):
         return f"{kind} key {_preview(key)} is not a normalized relative path (MLflow refuses it)"
+    return None
+
+
+def check_tag(key: str, value: str) -> str | None:
+    """Why a tag cannot be set from an event, or None."""
+    if key.startswith(RESERVED_TAG_PREFIX):
+        return f"tag {_preview(key)} is reserved for the sink's own bookkeeping"
+    return check_key("tag", key) or _check_length("tag", key, value, MAX_TAG_VALUE_LENGTH)
+
+
+def check_run_name(run_name: str | None, tags: Mapping[str, str]) -> str | None:
+    """Why MLflow would refuse to create a run with this name and these tags, or None."""
+    tagged = tags.get(RUN_NAME_TAG)
+    if run_name and tagged is not None and tagged != run_name:
+        return (
+            f"run name {_preview(run_name)} and tag {RUN_NAME_TAG} {_preview(tagged)} differ; "
+            "MLflow refuses to create such a run"
+        )
     return None
 
 
@@ -382,13 +407,25 @@ class _BatchPacker:
         batch.param_sources.append(source)
 
     def add_tag(self, key: str, value: str, source: Position) -> None:
-        # A tag set twice goes into two calls, so the later value is written last.
-        batch = self._room(
-            _text_bytes(key, value),
-            lambda b: len(b.tags) < MAX_TAGS_PER_BATCH and all(k != key for k, _ in b.tags),
-        )
+        # A tag set again within one plan keeps only its last value: writing each value in
+        # turn would leave an old one in MLflow when writing stops half-way (a replay stopped,
+        # a crash), and a replay over a run MLflow already holds would roll it back meanwhile.
+        for batch in self._batches:
+            for i, (pending, _) in enumerate(batch.tags):
+                if pending == key:
+                    del batch.tags[i], batch.tag_sources[i]
+                    break
+        batch = self._room(_text_bytes(key, value), lambda b: len(b.tags) < MAX_TAGS_PER_BATCH)
         batch.tags.append((key, value))
         batch.tag_sources.append(source)
+
+    def drop_tags(self, unchanged: Callable[[str, str], bool]) -> None:
+        """Drop the pending tags for which ``unchanged(key, value)`` holds."""
+        for batch in self._batches:
+            keep = [i for i, (key, value) in enumerate(batch.tags) if not unchanged(key, value)]
+            batch.tags = [batch.tags[i] for i in keep]
+            batch.tag_sources = [batch.tag_sources[i] for i in keep]
+        self._batches[:] = [b for b in self._batches if b.entities]
 
     def _room(self, size: int, fits: Callable[[LogBatch], bool]) -> LogBatch:
         batch = self._batches[-1] if self._batches else None

@@ -53,6 +53,8 @@ from kafka_mlflow_sink.plan import (
     MAX_TAG_VALUE_LENGTH,
     check_artifact_path,
     check_key,
+    check_run_name,
+    check_tag,
 )
 
 # Inline artifacts travel inside one Kafka record; the broker's default limit is 1 MiB.
@@ -166,7 +168,7 @@ class Publisher:
         started = RunStarted(
             start_time=now_ms() if start_time is None else start_time,
             run_name=run_name,
-            tags=_strings(tags or {}, "tag", MAX_TAG_VALUE_LENGTH),
+            tags=_start_tags(run_name, tags or {}),
             parent_run_key=parent,
         )
         run = PublishedRun(run_key or uuid.uuid4().hex, run_name, parent)
@@ -323,11 +325,19 @@ def _strings(values: Mapping[str, Any], kind: str = "", limit: int = 0) -> dict[
     strings = {str(k): str(v) for k, v in values.items()}
     if kind:
         for key, value in strings.items():
-            problem = check_key(kind, key)
+            problem = check_tag(key, value) if kind == "tag" else check_key(kind, key)
             if problem is None and len(value) > limit:
                 problem = f"{kind} {key!r} has a value of {len(value)} characters, over {limit}"
             if problem is not None:
                 raise ValueError(f"{problem}; MLflow would refuse it")
+    return strings
+
+
+def _start_tags(run_name: str | None, tags: Mapping[str, Any]) -> dict[str, str]:
+    strings = _strings(tags, "tag", MAX_TAG_VALUE_LENGTH)
+    problem = check_run_name(run_name, strings)
+    if problem:
+        raise ValueError(problem)
     return strings
 
 

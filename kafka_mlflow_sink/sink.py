@@ -417,6 +417,8 @@ class Sink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("partitions assigned: %s", _names(partitions))
+        # Runs of partitions this member did not hold may have been written by another one.
+        self.writer.forget_runs()
         try:
             committed = consumer.committed(partitions, timeout=10)
         except KafkaException as exc:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from textwrap import shorten
 from typing import Any, TypeVar
 
 from cachetools import LRUCache
@@ -53,6 +54,7 @@ from kafka_mlflow_sink.errors import (
 )
 from kafka_mlflow_sink.events import MetricPoint, RunStarted
 from kafka_mlflow_sink.plan import (
+    CREATED_AT_TAG,
     PARENT_KEY_TAG,
     PARENT_RUN_TAG,
     RUN_KEY_TAG,
@@ -209,6 +211,7 @@ class MlflowWriter:
         # (a timeout): until when to look for that run instead of creating another.
         self._uncertain_creations: dict[str, float] = {}
         self._local = threading.local()  # the ``between`` of the thread writing a run
+        self._experiment_lock = threading.Lock()
         self.parallelism = max(1, parallelism)
         self._pool: ThreadPoolExecutor | None = None
         scheme = urllib.parse.urlparse(self.client.tracking_uri).scheme
@@ -271,6 +274,15 @@ class MlflowWriter:
             self._apply_in_order(runs, report)
             return report
         return self._apply_in_parallel(runs, between)
+
+    def forget_runs(self) -> None:
+        """Read every run from MLflow again before writing to it.
+
+        What the cache holds is true only while no one else writes the run. After a
+        rebalance another member may have written a run meanwhile (older values of its tags,
+        say), and a stale cache would skip writes that are still needed.
+        """
+        self._runs.clear()
 
     def close(self) -> None:
         """Let the writing threads go; the writer is not used after this."""
@@ -505,6 +517,14 @@ class MlflowWriter:
         cached = self._experiments.get(name)
         if cached is not None:
             return cached
+        # One writer thread looks the experiment up (or creates it); the others wait for it.
+        with self._experiment_lock:
+            cached = self._experiments.get(name)
+            if cached is not None:
+                return cached
+            return self._resolve_experiment(name, run_key)
+
+    def _resolve_experiment(self, name: str, run_key: str) -> str:
         experiment = self._call("get experiment", run_key, self.client.get_experiment_by_name, name)
         if experiment is not None and experiment.lifecycle_stage == "deleted":
             raise PermanentWriteError(f"experiment {name!r} is deleted in MLflow", run_key)
@@ -574,13 +594,13 @@ class MlflowWriter:
 
     def _create(self, experiment_id: str, run: RunEvents) -> _KnownRun:
         start = run.start
-        tags = {RUN_KEY_TAG: run.run_key}
+        tags = dict(start.tags) if start else {}
+        tags[RUN_KEY_TAG] = run.run_key  # after the event's tags: nothing may replace it
+        tags[CREATED_AT_TAG] = str(int(time.time() * 1000))
         parent_key = start.parent_run_key if start else None
         if start is None:
             # Its "run started" event is gone (retention) or still to come: say so.
             tags[START_UNKNOWN_TAG] = "true"
-        else:
-            tags.update(start.tags)
         if parent_key:
             tags[PARENT_KEY_TAG] = parent_key
             parent_id = self._parent_run_id(experiment_id, parent_key)
@@ -618,7 +638,7 @@ class MlflowWriter:
         logger.info(
             "created MLflow run %s (%s) for run key %s",
             run_id,
-            run_name(run.run_key, start),
+            shorten(run_name(run.run_key, start), 80, placeholder=" ..."),
             run.run_key,
         )
         self._adopt_children(experiment_id, run.run_key, run_id)
@@ -729,8 +749,16 @@ def _active(runs: list[Any]) -> list[Any]:
 
 
 def creation_order(run: Any) -> tuple[int, str]:
-    """Orders the runs of one key the same way for every writer: oldest, then by id."""
-    return (run.info.start_time or 0, run.info.run_id)
+    """Orders the runs of one key the same way for every writer: created first, then by id.
+
+    The start time cannot tell: every writer creates the run with the start time of its
+    "run started" event. A writer that checked before the other's run existed keeps its own,
+    so the one that checks later must see its own run as the later one: the creation time
+    the sink tagged the run with says so (runs created without it count by start time).
+    """
+    created = run.data.tags.get(CREATED_AT_TAG, "")
+    when = int(created) if created.isdigit() else run.info.start_time or 0
+    return (when, run.info.run_id)
 
 
 def run_name(run_key: str, start: RunStarted | None) -> str:
@@ -790,6 +818,10 @@ class _RunCache:
     def pop(self, run_key: str) -> None:
         with self._lock:
             self._runs.pop(run_key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
 
     def __len__(self) -> int:
         with self._lock:

@@ -286,3 +286,44 @@ def test_printed_config_says_what_automatic_writers_mean(uri: str, threads: int)
     assert code == 0
     assert "writers = 0\n" in out
     assert f"# writers = 0 writes {threads} run(s) at once here" in out
+
+
+@pytest.mark.parametrize(
+    ("toml", "reason"),
+    [
+        ("tracking_uri = 5", "tracking_uri must be a string, not 5"),
+        ("schema_registry_url = [1]", "schema_registry_url must be a string, not [1]"),
+        ("topics = 5", "topics must be a list of topic names, not 5"),
+        ("topics = [1, 2]", "topics must be a list of topic names"),
+        ("kafka = 5", "kafka must be a table of librdkafka settings, not 5"),
+    ],
+)
+def test_a_toml_value_of_the_wrong_type_is_one_line(tmp_path: Path, toml: str, reason: str) -> None:
+    config = tmp_path / "sink.toml"
+    config.write_text(toml + "\n")
+    code, out = invoke("run", "--config", str(config), "-b", "x:1", "--print-config")
+    assert code == 2
+    assert f"configuration: {reason}" in out and "Traceback" not in out
+
+
+def test_secrets_in_uris_quoted_by_an_error_are_masked() -> None:
+    code, out = invoke(
+        "run", "-b", "x:1", "--framing", "registry", "--schema-registry-url", "ftp://u:hunter2@h"
+    )
+    assert code == 2 and "ftp://u:***@h" in out and "hunter2" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("htps://alice:S3cret@mlflow.example.com", "htps://alice:***@mlflow.example.com"),
+        ("https://ghp_token123@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
+        ("at http://h:5000/api?token=abc&run=1 now", "at http://h:5000/api?token=***&run=1 now"),
+        ("https://h/p?X-Amz-Signature=f00&a=b", "https://h/p?X-Amz-Signature=***&a=b"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ],
+)
+def test_redact_uri_masks_passwords_tokens_and_secret_query_values(text: str, shown: str) -> None:
+    from kafka_mlflow_sink.config import redact_uri
+
+    assert redact_uri(text) == shown

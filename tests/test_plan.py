@@ -198,6 +198,52 @@ def test_a_tag_set_twice_ends_with_the_later_value() -> None:
     assert writes.state.tags["stage"] == "b"
 
 
+def test_a_tag_set_many_times_is_written_once_with_its_last_value() -> None:
+    # Writing each value in turn would leave an old one behind when writing stops half-way.
+    run = one_run(*(TagsSet({"epoch": str(i)}) for i in range(300)), points(1))
+    writes = plan_run(run, RunState())
+    tags = [
+        (tag, source)
+        for b in writes.batches
+        for tag, source in zip(b.tags, b.tag_sources, strict=True)
+    ]
+    assert tags == [(("epoch", "299"), Position("t", 0, 299))]
+    assert writes.state.tags["epoch"] == "299"
+
+
+def test_a_replay_over_a_run_mlflow_holds_writes_no_old_tag_value() -> None:
+    run = one_run(*(TagsSet({"epoch": str(i)}) for i in range(300)))
+    assert plan_run(run, RunState(tags={"epoch": "299"})).batches == []
+    # Changed and changed back within the plan: nothing to write either.
+    back = one_run(TagsSet({"stage": "b"}), TagsSet({"stage": "a"}))
+    assert plan_run(back, RunState(tags={"stage": "a"})).batches == []
+
+
+def test_the_sinks_own_tags_cannot_be_set_by_an_event() -> None:
+    run = one_run(
+        TagsSet({"kafka_mlflow_sink.run_key": "someone-else"}),
+        RunStarted(1, "r", tags={"kafka_mlflow_sink.parent_run_key": "p"}),
+        TagsSet({"ok": "1"}),
+    )
+    writes = plan_run(run, RunState())
+    reasons = {r.position.offset: r.reason for r in writes.rejected}
+    assert sorted(reasons) == [0, 1]
+    assert "reserved for the sink's own bookkeeping" in reasons[0]
+    assert run.start is None
+    assert [t for b in writes.batches for t in b.tags] == [("ok", "1")]
+
+
+def test_a_run_started_whose_name_and_name_tag_differ_is_refused_alone() -> None:
+    run = one_run(RunStarted(1, "B", tags={"mlflow.runName": "other"}), ParamsLogged({"a": "1"}))
+    assert run.start is None  # the run is still created, from the records MLflow accepts
+    writes = plan_run(run, RunState())
+    assert [r.position.offset for r in writes.rejected] == [0]
+    assert "MLflow refuses to create such a run" in writes.rejected[0].reason
+    assert [p for b in writes.batches for p in b.params] == [("a", "1")]
+    same = one_run(RunStarted(1, "B", tags={"mlflow.runName": "B"}))
+    assert same.start is not None
+
+
 def test_the_last_run_finished_wins() -> None:
     writes = plan_run(one_run(RunFinished("FAILED", 5), RunFinished("FINISHED", 7)), RunState())
     assert writes.finish == RunFinished("FINISHED", 7)

@@ -19,7 +19,12 @@ def publisher() -> Publisher:
         (lambda p: p.log_params({"k" * 251: 1}), "longer than MLflow's 250 characters"),
         (lambda p: p.log_param("notes", "n" * 6001), "value of 6001 characters, over 6000"),
         (lambda p: p.log_metric("loss@peak", 1.0), "characters MLflow refuses"),
-        (lambda p: p.set_tag("team", "t" * 8001), "value of 8001 characters, over 8000"),
+        (lambda p: p.set_tag("team", "t" * 8001), "value of 8001 characters, over .* 8000"),
+        (lambda p: p.set_tag("kafka_mlflow_sink.run_key", "x"), "reserved for the sink"),
+        (
+            lambda p: p.begin_run(run_name="B", tags={"mlflow.runName": "other"}),
+            "MLflow refuses to create such a run",
+        ),
         (lambda p: p.set_tags({"../up": "x"}), "not a normalized relative path"),
         (lambda p: p.begin_run(tags={"": "empty key"}), "tag key is empty"),
     ],

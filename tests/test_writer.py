@@ -153,20 +153,34 @@ def test_the_user_part_of_a_uri_is_masked_in_errors() -> None:
     assert "s3cret" not in error.reason and "alice:***@" in error.reason
 
 
-def test_a_run_created_twice_at_once_settles_on_the_first(store: str) -> None:
-    from kafka_mlflow_sink.plan import RUN_KEY_TAG
+@pytest.mark.parametrize("mine_was_first", [False, True])
+def test_a_run_created_twice_at_once_settles_on_the_one_created_first(
+    store: str, mine_was_first: bool
+) -> None:
+    """Whatever the run ids: the writer whose run came second yields, the other keeps its own.
+
+    Both runs have the start time of the same "run started" event, so only the creation time
+    the sink tags each run with can tell them apart.
+    """
+    import time
+
+    from kafka_mlflow_sink.plan import CREATED_AT_TAG, RUN_KEY_TAG
 
     writer = MlflowWriter(store)
     writer.apply(group_by_run(batch(RunStarted(1, "r"), key="k")))
     (theirs,) = writer.client.search_runs(["1"])
-    # A second writer created its own run for the key at the same moment.
-    mine = writer.client.create_run("1", start_time=1, tags={RUN_KEY_TAG: "k"}).info.run_id
-    first = min([theirs.info.run_id, mine])
+    theirs_at = int(theirs.data.tags[CREATED_AT_TAG])
+    assert abs(theirs_at - time.time() * 1000) < 60_000
+    # A second writer created its own run for the key at about the same moment.
+    mine_at = theirs_at - 5 if mine_was_first else theirs_at + 5
+    tags = {RUN_KEY_TAG: "k", CREATED_AT_TAG: str(mine_at)}
+    mine = writer.client.create_run("1", start_time=1, tags=tags).info.run_id
     kept = writer._settle_creation("1", "k", mine)
-    if mine == first:
+    if mine_was_first:
         assert kept is None  # ours is the one every writer keeps
+        assert writer.client.get_run(mine).info.lifecycle_stage == "active"
     else:
-        assert kept is not None and kept.run_id == first
+        assert kept is not None and kept.run_id == theirs.info.run_id
         assert writer.client.get_run(mine).info.lifecycle_stage == "deleted"
 
 
@@ -201,3 +215,21 @@ def test_a_child_written_before_its_parent_is_linked_when_the_parent_arrives(sto
 
     expected = expected_runs(group_by_run(child + parent))
     assert differences(expected, read_mlflow(writer.client, expected)) == {}
+
+
+def test_after_a_rebalance_runs_are_read_again_not_trusted_from_the_cache(store: str) -> None:
+    """Another member wrote an older tag value while this one did not own the partition."""
+    from kafka_mlflow_sink.events import TagsSet
+
+    mine, other = MlflowWriter(store), MlflowWriter(store)
+    mine.apply(group_by_run(batch(RunStarted(1, "r"), TagsSet({"phase": "v1"}))))
+    mine.apply(group_by_run(batch(TagsSet({"phase": "v2"}), first=2)))
+    # The other member re-reads from an older commit and writes v1 again.
+    other.apply(group_by_run(batch(TagsSet({"phase": "v1"}), first=1)))
+    (run,) = mine.client.search_runs(["1"])
+    assert run.data.tags["phase"] == "v1"
+
+    mine.forget_runs()  # what the sink does when partitions are assigned
+    mine.apply(group_by_run(batch(TagsSet({"phase": "v2"}), first=3)))
+    (run,) = mine.client.search_runs(["1"])
+    assert run.data.tags["phase"] == "v2"
