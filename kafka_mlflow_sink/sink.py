@@ -164,10 +164,25 @@ class Sink:
     # -- one batch ----------------------------------------------------------------------
 
     def _poll(self) -> list[Message]:
+        """The next batch: what has arrived, or what arrives within ``batch_max_wait``.
+
+        Records that came in while the last batch was being written have waited already:
+        they are taken at once, without waiting for the batch to fill. Only a poll that
+        finds nothing waiting waits up to ``batch_max_wait``, so under load the sink writes
+        back to back, and at a trickle it still gathers records into batches.
+        """
         carried, self._carry = self._carry, []
         wanted = self.config.batch_max_records - len(carried)
-        fresh = self._consumer.consume(wanted, self.config.batch_max_wait) if wanted > 0 else []
-        return carried + [m for m in fresh if self._usable(m)]
+        if wanted <= 0:
+            return carried
+        fresh = [m for m in self._consumer.consume(wanted, 0) if self._usable(m)]
+        if not fresh and not carried:
+            fresh = [
+                m
+                for m in self._consumer.consume(wanted, self.config.batch_max_wait)
+                if self._usable(m)
+            ]
+        return carried + fresh
 
     def _usable(self, msg: Message) -> bool:
         err = msg.error()

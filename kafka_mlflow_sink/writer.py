@@ -18,8 +18,8 @@ that safe even after a ``log_batch`` that was written in part.
 from __future__ import annotations
 
 import functools
-import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -36,9 +36,7 @@ from cachetools import LRUCache
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.protos.service_pb2 import LogBatch as LogBatchRequest
 from mlflow.utils.credentials import get_default_host_creds
-from mlflow.utils.proto_json_utils import message_to_json
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from kafka_mlflow_sink.config import redact_uri
@@ -132,6 +130,37 @@ class WriteReport:
 class _KnownRun:
     run_id: str
     state: RunState
+
+
+def _json_double(value: float) -> float | str:
+    """A double as the protobuf JSON mapping writes it: NaN and infinities as strings."""
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def log_batch_body(
+    run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
+) -> dict[str, Any]:
+    """The JSON body of a ``log-batch`` request, as MLflow's REST store would send it.
+
+    Built straight from the entities: going through protobuf messages and their JSON
+    printer, as MLflow does, costs about ten times the CPU for the same bytes, and the sink
+    sends a thousand points a call. A test holds it equal to MLflow's own encoding.
+    """
+    body: dict[str, Any] = {"run_id": run_id}
+    if metrics:
+        body["metrics"] = [
+            {"key": m.key, "value": _json_double(m.value), "timestamp": m.timestamp, "step": m.step}
+            for m in metrics
+        ]
+    if params:
+        body["params"] = [{"key": p.key, "value": p.value} for p in params]
+    if tags:
+        body["tags"] = [{"key": t.key, "value": t.value} for t in tags]
+    return body
 
 
 def _most_telling(errors: list[BaseException]) -> BaseException:
@@ -451,19 +480,11 @@ class MlflowWriter:
         for MLflow's HTTP layer, so a 429 or 503 comes back as a response whose Retry-After
         is read here (see ``throttle``); any other error is raised as MLflow raises it.
         """
-        body = message_to_json(
-            LogBatchRequest(
-                run_id=run_id,
-                metrics=[m.to_proto() for m in metrics],
-                params=[p.to_proto() for p in params],
-                tags=[t.to_proto() for t in tags],
-            )
-        )
         response = http_request(  # type: ignore[no-untyped-call]
             get_default_host_creds(self.client.tracking_uri),  # type: ignore[no-untyped-call]
             _LOG_BATCH_ENDPOINT,
             "POST",
-            json=json.loads(body),
+            json=log_batch_body(run_id, metrics, params, tags),
             max_retries=0,
             retry_codes=frozenset(),
         )

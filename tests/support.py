@@ -35,7 +35,13 @@ from kafka_mlflow_sink.events import (
     TagsSet,
 )
 from kafka_mlflow_sink.offsets import PartitionLag, group_lag
-from kafka_mlflow_sink.plan import RUN_KEY_TAG, SourcedEvent, group_by_run, point_id
+from kafka_mlflow_sink.plan import (
+    CREATED_AT_TAG,
+    RUN_KEY_TAG,
+    SourcedEvent,
+    group_by_run,
+    point_id,
+)
 from kafka_mlflow_sink.verify import (
     RunContent,
     differences,
@@ -169,9 +175,11 @@ def mlflow_runs(tracking_uri: str, expected: dict[str, RunContent]) -> dict[str,
 
 
 def comparable(runs: dict[str, RunContent]) -> dict[str, RunContent]:
-    """``runs`` without MLflow's own run ids, so two MLflows can be compared run by run."""
+    """``runs`` without what differs between two MLflows by nature: MLflow's own run ids and
+    the moment the sink created each run."""
     for content in runs.values():
         content.tags.pop("mlflow.parentRunId", None)
+        assert content.tags.pop(CREATED_AT_TAG).isdigit()
     return runs
 
 

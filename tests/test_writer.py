@@ -233,3 +233,38 @@ def test_after_a_rebalance_runs_are_read_again_not_trusted_from_the_cache(store:
     mine.apply(group_by_run(batch(TagsSet({"phase": "v2"}), first=3)))
     (run,) = mine.client.search_runs(["1"])
     assert run.data.tags["phase"] == "v2"
+
+
+def test_the_log_batch_body_is_what_mlflows_rest_store_sends() -> None:
+    import json
+    import math
+
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.utils.proto_json_utils import message_to_json
+
+    from kafka_mlflow_sink.writer import log_batch_body
+
+    values = (math.nan, math.inf, -math.inf, -0.0, 1e-300, 3.0, -2.5, 1e308)
+    metrics = [
+        Metric(f"m/{i}", v, 2**62 - i, step)
+        for i, (v, step) in enumerate(zip(values, (0, -3, 2**40, 1, 2, 3, 4, 5), strict=True))
+    ]
+    cases = [
+        (metrics, [Param("p", ""), Param("q", "ü" * 3)], [RunTag("t", 'x\\n"y"')]),
+        (metrics[:1], [], []),
+        ([], [Param("only", "params")], []),
+        ([], [], [RunTag("only", "tags")]),
+    ]
+    for m, p, t in cases:
+        mlflows = message_to_json(
+            LogBatch(
+                run_id="abc",
+                metrics=[x.to_proto() for x in m],
+                params=[x.to_proto() for x in p],
+                tags=[x.to_proto() for x in t],
+            )
+        )
+        # Compared as the bytes on the wire, so NaN and -0.0 count as well.
+        ours = json.dumps(log_batch_body("abc", m, p, t), sort_keys=True)
+        assert ours == json.dumps(json.loads(mlflows), sort_keys=True)
