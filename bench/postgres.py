@@ -80,7 +80,8 @@ class Postgres:
     def database(self, name: str) -> str:
         """Create database ``name`` and return its URI for MLflow."""
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+        # The driver is named: SQLAlchemy 2.1 would otherwise look for psycopg 3.
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
         try:
