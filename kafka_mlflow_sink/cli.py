@@ -423,6 +423,10 @@ def _load_config(
     from_file = values.pop("kafka", {})
     if not isinstance(from_file, dict):
         raise ConfigError(f"kafka must be a table of librdkafka settings, not {from_file!r}")
+    for key, value in from_file.items():
+        # librdkafka takes strings; a TOML date or list would be passed on as its repr.
+        if isinstance(value, dict | list) or not isinstance(value, str | int | float | bool):
+            raise ConfigError(f"kafka setting {key!r} must be a string or a number, not {value!r}")
     kafka = {**from_file, **parse_pairs(kafka_pairs, "--kafka")}
     given = {k: v for k, v in flags.items() if v not in (None, ())}
     values.update(given)
@@ -433,7 +437,10 @@ def _load_config(
         raise ConfigError(f"topics must be a list of topic names, not {topics!r}")
     # Flags repeat, the environment and TOML may list several topics with commas.
     values["topics"] = tuple(t.strip() for item in topics for t in item.split(",") if t.strip())
-    values["kafka"] = {str(k): str(v) for k, v in kafka.items()}
+    values["kafka"] = {
+        str(k): ("true" if v else "false") if isinstance(v, bool) else str(v)
+        for k, v in kafka.items()
+    }
     return SinkConfig.from_mapping(values)
 
 

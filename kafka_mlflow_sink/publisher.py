@@ -51,6 +51,7 @@ from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
 from kafka_mlflow_sink.plan import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    RESERVED_TAG_PREFIX,
     check_artifact_path,
     check_key,
     check_run_name,
@@ -329,7 +330,8 @@ def _strings(values: Mapping[str, Any], kind: str = "", limit: int = 0) -> dict[
             if problem is None and len(value) > limit:
                 problem = f"{kind} {key!r} has a value of {len(value)} characters, over {limit}"
             if problem is not None:
-                raise ValueError(f"{problem}; MLflow would refuse it")
+                who = "the sink" if key.startswith(RESERVED_TAG_PREFIX) else "MLflow"
+                raise ValueError(f"{problem}; {who} would refuse it")
     return strings
 
 

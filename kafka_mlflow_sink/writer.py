@@ -617,7 +617,6 @@ class MlflowWriter:
         start = run.start
         tags = dict(start.tags) if start else {}
         tags[RUN_KEY_TAG] = run.run_key  # after the event's tags: nothing may replace it
-        tags[CREATED_AT_TAG] = str(int(time.time() * 1000))
         parent_key = start.parent_run_key if start else None
         if start is None:
             # Its "run started" event is gone (retention) or still to come: say so.
@@ -634,6 +633,9 @@ class MlflowWriter:
                 "still land in MLflow; looking for it again before creating another",
                 run.run_key,
             )
+        # Stamped as late as possible: the order of the stamps must be the order in which
+        # the runs appear in MLflow, or two writers could each keep their own run.
+        tags[CREATED_AT_TAG] = str(int(time.time() * 1000))
         try:
             created = self._call(
                 "create run",
@@ -783,11 +785,15 @@ def creation_order(run: Any) -> tuple[int, str]:
 
 
 def run_name(run_key: str, start: RunStarted | None) -> str:
-    """The MLflow run name: the producer's, else the run key.
+    """The MLflow run name: the producer's (given, or as the ``mlflow.runName`` tag), else the
+    run key.
 
-    MLflow would pick a random name; the run key keeps a rebuilt history identical.
+    MLflow would pick a random name; the run key keeps a rebuilt history identical. A name
+    other than the tag's would make MLflow refuse to create the run.
     """
-    return start.run_name if start is not None and start.run_name else run_key
+    if start is None:
+        return run_key
+    return start.run_name or start.tags.get(RUN_NAME_TAG) or run_key
 
 
 class MlflowUnavailable(SinkError):

@@ -327,3 +327,28 @@ def test_redact_uri_masks_passwords_tokens_and_secret_query_values(text: str, sh
     from kafka_mlflow_sink.config import redact_uri
 
     assert redact_uri(text) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ('"session.timeout.ms" = 2020-01-01', "'session.timeout.ms' must be a string or a number"),
+        ('"sasl.password" = ["hunter2"]', "'sasl.password' must be a string or a number"),
+    ],
+)
+def test_a_kafka_setting_of_the_wrong_type_is_one_line(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    config = tmp_path / "sink.toml"
+    config.write_text(f"[kafka]\n{value}\n")
+    code, out = invoke("run", "--config", str(config), "-b", "x:1", "--print-config")
+    assert code == 2 and reason in out
+
+
+def test_a_kafka_setting_given_as_a_toml_boolean_reads_as_librdkafka_spells_it(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "sink.toml"
+    config.write_text('[kafka]\n"enable.ssl.certificate.verification" = false\n')
+    code, out = invoke("run", "--config", str(config), "-b", "x:1", "--print-config")
+    assert code == 0 and '"enable.ssl.certificate.verification" = "false"' in out

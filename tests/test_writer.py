@@ -268,3 +268,15 @@ def test_the_log_batch_body_is_what_mlflows_rest_store_sends() -> None:
         # Compared as the bytes on the wire, so NaN and -0.0 count as well.
         ours = json.dumps(log_batch_body("abc", m, p, t), sort_keys=True)
         assert ours == json.dumps(json.loads(mlflows), sort_keys=True)
+
+
+def test_a_run_named_only_by_its_name_tag_is_created_with_that_name(store: str) -> None:
+    """The run key is the name of a run without one; a name tag is a name too."""
+    from kafka_mlflow_sink.events import ParamsLogged
+
+    writer = MlflowWriter(store)
+    started = RunStarted(1, None, tags={"mlflow.runName": "named-by-tag"})
+    report = writer.apply(group_by_run(batch(started, ParamsLogged({"a": "1"}), key="kc")))
+    assert report.rejected == [] and report.runs_created == 1
+    (run,) = writer.client.search_runs(["1"])
+    assert run.info.run_name == "named-by-tag" and run.data.params == {"a": "1"}
