@@ -469,15 +469,29 @@ def store(kind: str, workdir: Path, pg: Any = None) -> Iterator[str]:
         raise ValueError(f"unknown store {kind!r}")
 
 
+def median(measured: list[Measured]) -> Measured:
+    """The measurement of median rate, its spread noted: repeats tame a noisy machine."""
+    ordered = sorted(measured, key=lambda m: m.rate)
+    middle = ordered[len(ordered) // 2]
+    if len(ordered) > 1:
+        middle.detail["rates"] = [round(m.rate) for m in ordered]
+    return middle
+
+
 def bench_store(
     kind: str, shape: Shape, bootstrap: str, workdir: Path, args: argparse.Namespace, pg: Any
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"store": kind}
     best: Measured | None = None
     for chunk in CHUNK_SIZES:
-        with store(kind, workdir, pg) as uri:
-            answer, usage = _child(["ceiling", uri, json.dumps(asdict(shape)), str(chunk)])
-        measured = Measured(answer["points"], answer["seconds"], *_usage(usage), {"chunk": chunk})
+        tries = []
+        for _ in range(args.repeat):
+            with store(kind, workdir, pg) as uri:
+                answer, usage = _child(["ceiling", uri, json.dumps(asdict(shape)), str(chunk)])
+            tries.append(
+                Measured(answer["points"], answer["seconds"], *_usage(usage), {"chunk": chunk})
+            )
+        measured = median(tries)
         print(
             f"  {kind}: ceiling, {chunk} points a call: {measured.rate:,.0f} points/s", flush=True
         )
@@ -486,15 +500,21 @@ def bench_store(
     assert best is not None
     result["ceiling"] = best
 
-    topic = create_topic(bootstrap, f"naive-{uuid.uuid4().hex[:8]}", 4)
-    fill_topic(bootstrap, topic, shape, f"naive-{uuid.uuid4().hex[:6]}")
-    with store(kind, workdir, pg) as uri:
-        answer, usage = _child(["naive", uri, bootstrap, topic, str(args.naive_seconds)])
-    result["naive"] = Measured(answer["points"], answer["seconds"], *_usage(usage))
+    tries = []
+    for _ in range(args.repeat):
+        topic = create_topic(bootstrap, f"naive-{uuid.uuid4().hex[:8]}", 4)
+        fill_topic(bootstrap, topic, shape, f"naive-{uuid.uuid4().hex[:6]}")
+        with store(kind, workdir, pg) as uri:
+            answer, usage = _child(["naive", uri, bootstrap, topic, str(args.naive_seconds)])
+        tries.append(Measured(answer["points"], answer["seconds"], *_usage(usage)))
+    result["naive"] = median(tries)
     print(f"  {kind}: naive consumer: {result['naive'].rate:,.0f} points/s", flush=True)
 
-    with store(kind, workdir, pg) as uri:
-        result["sink"] = measure_sink(bootstrap, uri, shape, workdir)
+    tries = []
+    for _ in range(args.repeat):
+        with store(kind, workdir, pg) as uri:
+            tries.append(measure_sink(bootstrap, uri, shape, workdir))
+    result["sink"] = median(tries)
     print(f"  {kind}: sink: {result['sink'].rate:,.0f} points/s", flush=True)
     if args.profile:  # a run of its own: profiling slows the sink down
         profile = RESULTS / f"profile-{kind}.pstats"
@@ -503,8 +523,11 @@ def bench_store(
         print(f"  {kind}: profile of the sink in {profile}", flush=True)
 
     if kind == "postgres":
-        with store(kind, workdir, pg) as uri:
-            result["sink_two"] = measure_sink(bootstrap, uri, shape, workdir, instances=2)
+        tries = []
+        for _ in range(args.repeat):
+            with store(kind, workdir, pg) as uri:
+                tries.append(measure_sink(bootstrap, uri, shape, workdir, instances=2))
+        result["sink_two"] = median(tries)
         print(f"  {kind}: two sinks: {result['sink_two'].rate:,.0f} points/s", flush=True)
     else:
         events_per_second = result["sink"].detail["records"] / result["sink"].seconds / 2
@@ -627,6 +650,12 @@ def main() -> int:
     parser.add_argument("--naive-seconds", type=float, default=20.0)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--profile", action="store_true", help="cProfile the sink per store")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each throughput this many times and keep the median (3 steadies ratios)",
+    )
     args = parser.parse_args()
     shape = Shape(args.runs, args.metrics, args.steps)
     kinds = [k.strip() for k in args.stores.split(",") if k.strip()]
