@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -469,9 +469,10 @@ def store(kind: str, workdir: Path, pg: Any = None) -> Iterator[str]:
         raise ValueError(f"unknown store {kind!r}")
 
 
-def median(measured: list[Measured]) -> Measured:
-    """The measurement of median rate, its spread noted: repeats tame a noisy machine."""
-    ordered = sorted(measured, key=lambda m: m.rate)
+def median_of(times: int, measure: Callable[[], Measured]) -> Measured:
+    """Measure ``times`` times; the measurement of median rate, its spread noted: repeats
+    tame a noisy machine."""
+    ordered = sorted((measure() for _ in range(times)), key=lambda m: m.rate)
     middle = ordered[len(ordered) // 2]
     if len(ordered) > 1:
         middle.detail["rates"] = [round(m.rate) for m in ordered]
@@ -483,15 +484,25 @@ def bench_store(
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"store": kind}
     best: Measured | None = None
+
+    def ceiling(chunk: int) -> Measured:
+        with store(kind, workdir, pg) as uri:
+            answer, usage = _child(["ceiling", uri, json.dumps(asdict(shape)), str(chunk)])
+        return Measured(answer["points"], answer["seconds"], *_usage(usage), {"chunk": chunk})
+
+    def naive() -> Measured:
+        topic = create_topic(bootstrap, f"naive-{uuid.uuid4().hex[:8]}", 4)
+        fill_topic(bootstrap, topic, shape, f"naive-{uuid.uuid4().hex[:6]}")
+        with store(kind, workdir, pg) as uri:
+            answer, usage = _child(["naive", uri, bootstrap, topic, str(args.naive_seconds)])
+        return Measured(answer["points"], answer["seconds"], *_usage(usage))
+
+    def sink(instances: int = 1) -> Measured:
+        with store(kind, workdir, pg) as uri:
+            return measure_sink(bootstrap, uri, shape, workdir, instances=instances)
+
     for chunk in CHUNK_SIZES:
-        tries = []
-        for _ in range(args.repeat):
-            with store(kind, workdir, pg) as uri:
-                answer, usage = _child(["ceiling", uri, json.dumps(asdict(shape)), str(chunk)])
-            tries.append(
-                Measured(answer["points"], answer["seconds"], *_usage(usage), {"chunk": chunk})
-            )
-        measured = median(tries)
+        measured = median_of(args.repeat, lambda chunk=chunk: ceiling(chunk))
         print(
             f"  {kind}: ceiling, {chunk} points a call: {measured.rate:,.0f} points/s", flush=True
         )
@@ -500,21 +511,10 @@ def bench_store(
     assert best is not None
     result["ceiling"] = best
 
-    tries = []
-    for _ in range(args.repeat):
-        topic = create_topic(bootstrap, f"naive-{uuid.uuid4().hex[:8]}", 4)
-        fill_topic(bootstrap, topic, shape, f"naive-{uuid.uuid4().hex[:6]}")
-        with store(kind, workdir, pg) as uri:
-            answer, usage = _child(["naive", uri, bootstrap, topic, str(args.naive_seconds)])
-        tries.append(Measured(answer["points"], answer["seconds"], *_usage(usage)))
-    result["naive"] = median(tries)
+    result["naive"] = median_of(args.repeat, naive)
     print(f"  {kind}: naive consumer: {result['naive'].rate:,.0f} points/s", flush=True)
 
-    tries = []
-    for _ in range(args.repeat):
-        with store(kind, workdir, pg) as uri:
-            tries.append(measure_sink(bootstrap, uri, shape, workdir))
-    result["sink"] = median(tries)
+    result["sink"] = median_of(args.repeat, sink)
     print(f"  {kind}: sink: {result['sink'].rate:,.0f} points/s", flush=True)
     if args.profile:  # a run of its own: profiling slows the sink down
         profile = RESULTS / f"profile-{kind}.pstats"
@@ -523,11 +523,7 @@ def bench_store(
         print(f"  {kind}: profile of the sink in {profile}", flush=True)
 
     if kind == "postgres":
-        tries = []
-        for _ in range(args.repeat):
-            with store(kind, workdir, pg) as uri:
-                tries.append(measure_sink(bootstrap, uri, shape, workdir, instances=2))
-        result["sink_two"] = median(tries)
+        result["sink_two"] = median_of(args.repeat, lambda: sink(instances=2))
         print(f"  {kind}: two sinks: {result['sink_two'].rate:,.0f} points/s", flush=True)
     else:
         events_per_second = result["sink"].detail["records"] / result["sink"].seconds / 2

@@ -392,7 +392,7 @@ def _guard(action: Callable[[], T]) -> T:
     except ConfigError as exc:
         _fail(f"configuration: {exc}", EXIT_CONFIG)
     except SinkError as exc:
-        _fail(redact_uri(str(exc)), EXIT_UNAVAILABLE)
+        _fail(str(exc), EXIT_UNAVAILABLE)
     except KafkaException as exc:
         text = describe_kafka_error(exc)
         err = exc.args[0] if exc.args else None
@@ -425,7 +425,7 @@ def _load_config(
         raise ConfigError(f"kafka must be a table of librdkafka settings, not {from_file!r}")
     for key, value in from_file.items():
         # librdkafka takes strings; a TOML date or list would be passed on as its repr.
-        if isinstance(value, dict | list) or not isinstance(value, str | int | float | bool):
+        if not isinstance(value, str | int | float | bool):
             raise ConfigError(f"kafka setting {key!r} must be a string or a number, not {value!r}")
     kafka = {**from_file, **parse_pairs(kafka_pairs, "--kafka")}
     given = {k: v for k, v in flags.items() if v not in (None, ())}

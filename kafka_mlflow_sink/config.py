@@ -129,12 +129,12 @@ class SinkConfig:
             "dead_letter_topic",
             "framing",
             "auto_offset_reset",
+            "tracking_uri",
+            "schema_registry_url",
         ):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string, not {getattr(self, name)!r}")
-        for name in ("tracking_uri", "schema_registry_url"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
+            optional = name in ("tracking_uri", "schema_registry_url")
+            if not isinstance(value, str) and not (optional and value is None):
                 raise ConfigError(f"{name} must be a string, not {value!r}")
         if not isinstance(self.kafka, Mapping):
             raise ConfigError("kafka must be a table of librdkafka settings")

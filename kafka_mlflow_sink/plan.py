@@ -257,7 +257,7 @@ def plan_run(run: RunEvents, known: RunState) -> RunWrites:
             continue
         _fold(payload, position, writes, packer)
     # A tag changed and changed back within the plan needs no write at all.
-    packer.drop_tags(lambda key, value: known.tags.get(key) == value)
+    packer.drop_unchanged_tags(known.tags)
     return writes
 
 
@@ -393,6 +393,7 @@ class _BatchPacker:
 
     def __init__(self, batches: list[LogBatch]) -> None:
         self._batches = batches
+        self._tag_batch: dict[str, LogBatch] = {}  # the batch holding each pending tag
 
     def add_metric(self, point: MetricPoint, source: Position) -> None:
         batch = self._room(
@@ -410,19 +411,19 @@ class _BatchPacker:
         # A tag set again within one plan keeps only its last value: writing each value in
         # turn would leave an old one in MLflow when writing stops half-way (a replay stopped,
         # a crash), and a replay over a run MLflow already holds would roll it back meanwhile.
-        for batch in self._batches:
-            for i, (pending, _) in enumerate(batch.tags):
-                if pending == key:
-                    del batch.tags[i], batch.tag_sources[i]
-                    break
+        held = self._tag_batch.get(key)
+        if held is not None:
+            i = next(i for i, (pending, _) in enumerate(held.tags) if pending == key)
+            del held.tags[i], held.tag_sources[i]
         batch = self._room(_text_bytes(key, value), lambda b: len(b.tags) < MAX_TAGS_PER_BATCH)
         batch.tags.append((key, value))
         batch.tag_sources.append(source)
+        self._tag_batch[key] = batch
 
-    def drop_tags(self, unchanged: Callable[[str, str], bool]) -> None:
-        """Drop the pending tags for which ``unchanged(key, value)`` holds."""
+    def drop_unchanged_tags(self, held: Mapping[str, str]) -> None:
+        """Drop the pending tags whose value MLflow already ``held`` before the plan."""
         for batch in self._batches:
-            keep = [i for i, (key, value) in enumerate(batch.tags) if not unchanged(key, value)]
+            keep = [i for i, (key, value) in enumerate(batch.tags) if held.get(key) != value]
             batch.tags = [batch.tags[i] for i in keep]
             batch.tag_sources = [batch.tag_sources[i] for i in keep]
         self._batches[:] = [b for b in self._batches if b.entities]

@@ -175,13 +175,13 @@ class Sink:
         wanted = self.config.batch_max_records - len(carried)
         if wanted <= 0:
             return carried
-        fresh = [m for m in self._consumer.consume(wanted, 0) if self._usable(m)]
+
+        def take(timeout: float) -> list[Message]:
+            return [m for m in self._consumer.consume(wanted, timeout) if self._usable(m)]
+
+        fresh = take(0)
         if not fresh and not carried:
-            fresh = [
-                m
-                for m in self._consumer.consume(wanted, self.config.batch_max_wait)
-                if self._usable(m)
-            ]
+            fresh = take(self.config.batch_max_wait)
         return carried + fresh
 
     def _usable(self, msg: Message) -> bool:
