@@ -163,6 +163,27 @@ def log_batch_body(
     return body
 
 
+def _store_log_batch(client: MlflowClient) -> Callable[..., Any]:
+    """``log_batch`` on the tracking store behind ``client``, for stores other than a server.
+
+    ``MlflowClient.log_batch`` rebuilds every metric to attach the fluent API's active model
+    and records a usage event, then hands the same lists to the store: a tenth of the time
+    of a 1000-point call into SQLite, for features the sink does not use. The sink's batches
+    already keep within the store's limits. Falls back to the client where an MLflow
+    version keeps its store elsewhere.
+    """
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if store is None or not callable(getattr(store, "log_batch", None)):
+        return functools.partial(client.log_batch, synchronous=True)
+
+    def log_batch(
+        run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
+    ) -> None:
+        store.log_batch(run_id=run_id, metrics=metrics, params=params, tags=tags)
+
+    return log_batch
+
+
 def _most_telling(errors: list[BaseException]) -> BaseException:
     """Of the failures of threads writing one batch, the one the retry loop must see.
 
@@ -245,9 +266,7 @@ class MlflowWriter:
         self._pool: ThreadPoolExecutor | None = None
         scheme = urllib.parse.urlparse(self.client.tracking_uri).scheme
         self._log_batch_call: Callable[..., Any] = (
-            self._rest_log_batch
-            if scheme in ("http", "https")
-            else functools.partial(self.client.log_batch, synchronous=True)
+            self._rest_log_batch if scheme in ("http", "https") else _store_log_batch(self.client)
         )
         # Set by the retry loop once an error has persisted: an error MLflow itself returns
         # (not an outage) then counts as a refusal of the record, if MLflow answers otherwise.

@@ -280,3 +280,43 @@ def test_a_run_named_only_by_its_name_tag_is_created_with_that_name(store: str) 
     assert report.rejected == [] and report.runs_created == 1
     (run,) = writer.client.search_runs(["1"])
     assert run.info.run_name == "named-by-tag" and run.data.params == {"a": "1"}
+
+
+def test_an_embedded_store_holds_what_mlflow_client_log_batch_would_have_written(
+    store: str,
+) -> None:
+    """The sink writes straight into the store; MLflow's client must read back the same."""
+    import math
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    from kafka_mlflow_sink.events import ParamsLogged, TagsSet
+
+    values = (math.nan, math.inf, -math.inf, -0.0, 1e-300, 3.0, -2.5, 1e308)
+    points = tuple(MetricPoint("m", v, step, 10 + step) for step, v in enumerate(values))
+    writer = MlflowWriter(store)
+    assert not hasattr(writer._log_batch_call, "func")  # not the client's log_batch
+    events = batch(
+        RunStarted(1, "ours"), ParamsLogged({"p": "ü"}), TagsSet({"t": "x"}), MetricsLogged(points)
+    )
+    assert writer.apply(group_by_run(events)).points == len(values)
+
+    client = writer.client
+    (ours,) = client.search_runs(["1"])
+    theirs = client.create_run("1").info.run_id
+    client.log_batch(
+        theirs,
+        metrics=[Metric(p.key, p.value, p.timestamp, p.step) for p in points],
+        params=[Param("p", "ü")],
+        tags=[RunTag("t", "x")],
+    )
+
+    def held(run_id: str) -> tuple[list[tuple[object, ...]], dict[str, str], str]:
+        history = [
+            (m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
+            for m in client.get_metric_history(run_id, "m")
+        ]
+        run = client.get_run(run_id)
+        return sorted(history), run.data.params, run.data.tags["t"]
+
+    assert held(ours.info.run_id) == held(theirs)
