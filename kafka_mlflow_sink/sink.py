@@ -196,6 +196,8 @@ class Sink:
 
     def _handle(self, records: list[Message]) -> None:
         self._revoked = False
+        began = time.monotonic()
+        logger.debug("batch of %d records", len(records))
         try:
             dead = self._write_with_retries(records)
         except Abandoned as why:
@@ -205,7 +207,14 @@ class Sink:
         if self._failpoint == "before-commit":
             # Test hook: die as if killed after MLflow accepted the batch, before the commit.
             os.kill(os.getpid(), signal.SIGKILL)
+        written = time.monotonic()
         self._commit(records)
+        logger.debug(
+            "batch of %d records written in %.0f ms, committed in %.0f ms",
+            len(records),
+            (written - began) * 1000,
+            (time.monotonic() - written) * 1000,
+        )
         self.stats.records += len(records)
         self.stats.batches += 1
         self.stats.dead_lettered += dead
