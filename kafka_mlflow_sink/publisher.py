@@ -60,6 +60,15 @@ from kafka_mlflow_sink.plan import (
 
 # Inline artifacts travel inside one Kafka record; the broker's default limit is 1 MiB.
 MAX_ARTIFACT_BYTES = 512 * 1024
+# How the Publisher produces unless ``producer_config`` says otherwise: no event lost or
+# doubled by a producer retry, and events gathered for 20 ms into compressed batches, so a
+# training loop logging every step costs the broker a request per batch, not per event.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 20,
+    "compression.type": "lz4",
+}
 
 
 class PublishedRun:
@@ -101,10 +110,7 @@ class Publisher:
         self._flush_timeout = flush_timeout
         config = {
             "bootstrap.servers": bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 20,
-            "compression.type": "lz4",
+            **PRODUCER_DEFAULTS,
             # librdkafka's own log lines go to Python logging, where the application routes them.
             "logger": LIBRDKAFKA_LOGGER,
             **(producer_config or {}),
