@@ -7,6 +7,7 @@ ends with one line on stderr and a non-zero exit code, never a stack trace.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import signal
@@ -317,6 +318,7 @@ def verify(
 
     Exits 0 only when MLflow holds everything the topics say.
     """
+    _import_mlflow()
     from kafka_mlflow_sink.codec import make_codec
     from kafka_mlflow_sink.verify import describe, differences, read_mlflow, read_topic
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
@@ -375,7 +377,33 @@ def create_topics(
 
 def main() -> None:
     """Console-script entry point."""
+    _keep_pandas_out()
     cli(prog_name="kafka-mlflow-sink")
+
+
+def _keep_pandas_out() -> None:
+    """Mark pandas as missing in this process, so that MLflow does not import it.
+
+    MLflow imports pandas (46 MB of memory) only to offer its pandas dataset flavour, and
+    leaves that flavour out when pandas is not installed, as with ``mlflow-skinny``. The
+    sink never builds a DataFrame: the MLflow calls it makes take and return entities.
+    Only the command's own process is affected, never a training job's, where the
+    Publisher runs; ``_import_mlflow`` lets pandas back in should MLflow need it after all.
+    """
+    if "pandas" not in sys.modules:
+        sys.modules["pandas"] = None  # type: ignore[assignment]
+
+
+def _import_mlflow(module: str = "mlflow") -> None:
+    """Import MLflow, with pandas after all if this MLflow cannot do without it."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name != "pandas" or "pandas" not in sys.modules or sys.modules["pandas"]:
+            raise
+        del sys.modules["pandas"]
+        logger.debug("MLflow needs pandas here (%s); importing it", exc)
+        importlib.import_module(module)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -520,6 +548,7 @@ def _run_replay(
     progress: bool | None,
 ) -> Any:
     _mlflow_environment()
+    _import_mlflow()
     from kafka_mlflow_sink.codec import check_registry, make_codec
     from kafka_mlflow_sink.replay import Replay
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
@@ -546,6 +575,7 @@ def _run_replay(
 
 def _run_sink(config: SinkConfig) -> None:
     _mlflow_environment()
+    _import_mlflow()
     from kafka_mlflow_sink.codec import check_registry, make_codec
     from kafka_mlflow_sink.offsets import check_kafka
     from kafka_mlflow_sink.sink import Sink

@@ -13,6 +13,8 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
+from sys import intern
 from typing import Any, NamedTuple
 
 from kafka_mlflow_sink.errors import DecodeError
@@ -32,7 +34,7 @@ class MetricPoint(NamedTuple):
     timestamp: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunStarted:
     start_time: int
     run_name: str | None = None
@@ -40,28 +42,28 @@ class RunStarted:
     parent_run_key: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParamsLogged:
     params: Mapping[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MetricsLogged:
     points: tuple[MetricPoint, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TagsSet:
     tags: Mapping[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ArtifactLogged:
     path: str
     content: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunFinished:
     status: str
     end_time: int
@@ -80,7 +82,7 @@ _PAYLOAD_FIELDS: dict[type[Any], str] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunEvent:
     """One event of one run, as carried by one Kafka record."""
 
@@ -111,7 +113,8 @@ def to_record(event: RunEvent) -> dict[str, Any]:
     if isinstance(payload, MetricsLogged):
         body = {"points": [p._asdict() for p in payload.points]}
     elif isinstance(payload, RunStarted | ParamsLogged | TagsSet | ArtifactLogged | RunFinished):
-        body = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in vars(payload).items()}
+        fields = ((f.name, getattr(payload, f.name)) for f in dataclass_fields(payload))
+        body = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in fields}
     else:
         raise TypeError(f"not a run event payload: {type(payload).__name__}")
     record[_PAYLOAD_FIELDS[type(payload)]] = body
@@ -144,7 +147,13 @@ def from_record(record: Mapping[str, Any]) -> RunEvent:
 
 def _payload(name: str, body: Mapping[str, Any]) -> Payload:
     if name == "metrics_logged":
-        return MetricsLogged(tuple(MetricPoint(**p) for p in body["points"]))
+        # A batch holds thousands of points under a handful of keys: share one string each.
+        return MetricsLogged(
+            tuple(
+                MetricPoint(intern(p["key"]), p["value"], p["step"], p["timestamp"])
+                for p in body["points"]
+            )
+        )
     if name == "run_started":
         return RunStarted(
             start_time=body["start_time"],

@@ -68,7 +68,7 @@ _KEY_PATTERN = re.compile(r"^[/\w.\- :]*$")
 _FLOAT_MAX = sys.float_info.max
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Position:
     """Where a record sits in Kafka."""
 
@@ -80,7 +80,7 @@ class Position:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourcedEvent:
     """A decoded run event and the record it came from."""
 

@@ -331,3 +331,43 @@ def test_a_kafka_setting_given_as_a_toml_boolean_reads_as_librdkafka_spells_it(
     config.write_text('[kafka]\n"enable.ssl.certificate.verification" = false\n')
     code, out = invoke("run", "--config", str(config), "-b", "x:1", "--print-config")
     assert code == 0 and '"enable.ssl.certificate.verification" = "false"' in out
+
+
+def _python(code: str, cwd: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_the_daemons_process_writes_to_mlflow_without_pandas(tmp_path: Path) -> None:
+    """What the console script does before a command: MLflow works, pandas stays out."""
+    code = f"""
+import sys
+from kafka_mlflow_sink import cli
+cli._keep_pandas_out()
+cli._import_mlflow()
+from kafka_mlflow_sink.events import MetricPoint, MetricsLogged, RunEvent, RunStarted
+from kafka_mlflow_sink.plan import Position, SourcedEvent, group_by_run
+from kafka_mlflow_sink.writer import MlflowWriter
+events = [RunStarted(1, "r"), MetricsLogged((MetricPoint("m", 0.5, 0, 2),))]
+batch = [SourcedEvent(RunEvent("k", "e", p), Position("t", 0, i)) for i, p in enumerate(events)]
+writer = MlflowWriter("sqlite:///{tmp_path / "mlflow.db"}")
+report = writer.apply(group_by_run(batch))
+(run,) = writer.client.search_runs(["1"])
+print(report.points, run.data.metrics, sys.modules["pandas"])
+"""
+    assert _python(code, tmp_path) == "1 {'m': 0.5} None"
+
+
+def test_pandas_comes_back_when_mlflow_cannot_do_without_it(tmp_path: Path) -> None:
+    (tmp_path / "needs_pandas.py").write_text("import pandas\n")
+    code = """
+import sys
+from kafka_mlflow_sink import cli
+cli._keep_pandas_out()
+cli._import_mlflow("needs_pandas")
+print(type(sys.modules["needs_pandas"].pandas.DataFrame).__name__)
+"""
+    assert _python(code, tmp_path) == "type"
