@@ -58,6 +58,7 @@ TARGETS = {
     "sink / naive": (">=", 40.0),
     "p99 produce to committed (s)": ("<=", 1.0),
     "two sinks / one": (">=", 1.7),
+    "two sinks / one, one writer each": (">=", 1.7),
     "sink peak RSS (MB)": ("<=", 250.0),
 }
 EXPERIMENT = "bench"
@@ -115,10 +116,13 @@ def fill_topic(bootstrap: str, topic: str, shape: Shape, prefix: str) -> int:
 
     from kafka_mlflow_sink.codec import BareCodec
     from kafka_mlflow_sink.events import RunEvent
+    from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
     from kafka_mlflow_sink.publisher import PRODUCER_DEFAULTS
 
     codec = BareCodec()
-    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, "logger": LIBRDKAFKA_LOGGER}
+    )
     count = 0
     for key, payload in run_events(shape, prefix):
         value = codec.encode(RunEvent(key, EXPERIMENT, payload), topic)
@@ -307,6 +311,7 @@ class SinkRun:
         uri: str,
         log: Path,
         profile: Path | None = None,
+        writers: int | None = None,
     ) -> None:
         command = [str(BIN / "kafka-mlflow-sink")]
         if profile is not None:
@@ -315,6 +320,8 @@ class SinkRun:
             "run", "-b", bootstrap, "-t", topic, "-g", group, "--tracking-uri", uri,
             "--log-level", "INFO",
         ]  # fmt: skip
+        if writers is not None:
+            command += ["--writers", str(writers)]
         self.log = log
         with log.open("ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -328,6 +335,13 @@ class SinkRun:
                 raise RuntimeError(f"the sink exited:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.05)
         raise RuntimeError(f"the sink did not log {text!r} within {timeout:.0f}s")
+
+    def assigned(self) -> int:
+        """How many partitions this instance holds, by its latest assignment or revocation."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        marks = ("partitions assigned:", "partitions revoked:")
+        latest = next((ln for ln in reversed(lines) if any(m in ln for m in marks)), "")
+        return latest.count("[") if marks[0] in latest else 0
 
     def stop(self) -> tuple[float, float]:
         """SIGTERM; the sink's peak RSS (MB) and CPU seconds."""
@@ -367,18 +381,24 @@ def measure_sink(
     instances: int = 1,
     partitions: int = 4,
     profile: Path | None = None,
+    writers: int | None = None,
 ) -> Measured:
-    """Fill a topic, start the sink, time it from joining the group to zero lag."""
+    """Start the sink instances, fill their topic, time it from the first record to zero lag.
+
+    Every instance holds its share of the partitions before the first record is produced:
+    timed from a later join, one instance could have written most of the topic already.
+    """
     topic = create_topic(bootstrap, f"bench-{uuid.uuid4().hex[:8]}", partitions)
-    records = fill_topic(bootstrap, topic, shape, f"sink-{uuid.uuid4().hex[:6]}")
     group = f"sink-{uuid.uuid4().hex[:6]}"
     sinks = [
         SinkRun(bootstrap, topic, group, uri, workdir / f"sink-{topic}-{i}.log",
-                profile if i == 0 else None)
+                profile if i == 0 else None, writers)
         for i in range(instances)
     ]  # fmt: skip
+    _wait_for_spread(sinks, partitions)
+    began = time.monotonic()
+    records = fill_topic(bootstrap, topic, shape, f"sink-{uuid.uuid4().hex[:6]}")
     watch = LagWatch(bootstrap, topic, group)  # the topic is full: its end offsets are final
-    began = max(s.wait_for("partitions assigned") for s in sinks)
     while watch.lag() > 0:
         time.sleep(0.05)
     seconds = time.monotonic() - began
@@ -386,8 +406,21 @@ def measure_sink(
     usage = [s.stop() for s in sinks]
     return Measured(
         shape.points, seconds, max(u[0] for u in usage), sum(u[1] for u in usage),
-        {"records": records, "instances": instances},
+        {"records": records, "instances": instances, "writers": writers or "default"},
     )  # fmt: skip
+
+
+def _wait_for_spread(sinks: list[SinkRun], partitions: int, timeout: float = 120) -> None:
+    """Wait until every instance's latest assignment is non-empty and they cover the topic."""
+    deadline = time.monotonic() + timeout
+    for sink in sinks:
+        sink.wait_for("partitions assigned", timeout)
+    while time.monotonic() < deadline:
+        held = [sink.assigned() for sink in sinks]
+        if all(held) and sum(held) == partitions:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the sinks did not share the {partitions} partitions within {timeout}s")
 
 
 def measure_latency(
@@ -401,6 +434,7 @@ def measure_latency(
 
     from kafka_mlflow_sink.codec import BareCodec
     from kafka_mlflow_sink.events import RunEvent
+    from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
     from kafka_mlflow_sink.publisher import PRODUCER_DEFAULTS
 
     topic = create_topic(bootstrap, f"latency-{uuid.uuid4().hex[:8]}", 4)
@@ -428,7 +462,9 @@ def measure_latency(
     watcher.start()
     # Produced the way the Publisher produces for a training job (20 ms linger): the
     # latency counts from the moment the job hands an event over.
-    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, "logger": LIBRDKAFKA_LOGGER}
+    )
     interval = 1.0 / events_per_second
     shape = Shape(runs=8, metrics=5, steps=10_000)
     events = run_events(shape, f"latency-{uuid.uuid4().hex[:6]}")
@@ -548,9 +584,9 @@ def bench_store(
             answer, usage = _child(["naive", uri, bootstrap, topic, str(args.naive_seconds)])
         return Measured(answer["points"], answer["seconds"], *_usage(usage))
 
-    def sink(instances: int = 1) -> Measured:
+    def sink(instances: int = 1, writers: int | None = None) -> Measured:
         with store(kind, workdir, pg) as uri:
-            return measure_sink(bootstrap, uri, shape, workdir, instances=instances)
+            return measure_sink(bootstrap, uri, shape, workdir, instances, writers=writers)
 
     for chunk in CHUNK_SIZES:
         measured = median_of(args.repeat, lambda chunk=chunk: ceiling(chunk))
@@ -583,6 +619,11 @@ def bench_store(
     if kind == "postgres":
         result["sink_two"] = median_of(args.repeat, lambda: sink(instances=2))
         print(f"  {kind}: two sinks: {result['sink_two'].rate:,.0f} points/s", flush=True)
+        # With four writers one instance can keep this server busy on its own; with one
+        # writer each, what the consumer group's split of the partitions adds shows.
+        for name, instances in (("sink_w1", 1), ("sink_two_w1", 2)):
+            result[name] = median_of(args.repeat, lambda n=instances: sink(n, writers=1))
+            print(f"  {kind}: {name}: {result[name].rate:,.0f} points/s", flush=True)
     else:
         events_per_second = result["sink"].detail["records"] / result["sink"].seconds / 2
         with store(kind, workdir, pg) as uri:
@@ -606,7 +647,7 @@ def report(results: list[dict[str, Any]], shape: Shape) -> dict[str, Any]:
     headline: dict[str, float] = {}
     for r in results:
         kind = r["store"]
-        for name in ("ceiling", "parallel", "naive", "sink", "sink_two"):
+        for name in ("ceiling", "parallel", "naive", "sink", "sink_two", "sink_w1", "sink_two_w1"):
             if name in r:
                 m: Measured = r[name]
                 rows.append(
@@ -627,6 +668,8 @@ def report(results: list[dict[str, Any]], shape: Shape) -> dict[str, Any]:
         headline[f"{kind}: sink peak RSS (MB)"] = r["sink"].peak_rss_mb
         if "sink_two" in r:
             headline[f"{kind}: two sinks / one"] = r["sink_two"].rate / r["sink"].rate
+            one, two = r["sink_w1"].rate, r["sink_two_w1"].rate
+            headline[f"{kind}: two sinks / one, one writer each"] = two / one
         if "latency" in r:
             headline[f"{kind}: p99 produce to committed (s)"] = r["latency"]["p99"]
             headline[f"{kind}: p50 produce to committed (s)"] = r["latency"]["p50"]
@@ -636,10 +679,10 @@ def report(results: list[dict[str, Any]], shape: Shape) -> dict[str, Any]:
         f"data: {shape.runs} runs x {shape.metrics} metrics x {shape.steps} steps = "
         f"{shape.points:,} points, {shape.params} params and {shape.tags} tags a run"
     )
-    print(f"{'store':<9} {'what':<9} {'points/s':>10} {'peak RSS MB':>12} {'CPU s':>7}")
+    print(f"{'store':<9} {'what':<12} {'points/s':>10} {'peak RSS MB':>12} {'CPU s':>7}")
     for row in rows:
         print(
-            f"{row['store']:<9} {row['what']:<9} {row['points_per_s']:>10,} "
+            f"{row['store']:<9} {row['what']:<12} {row['points_per_s']:>10,} "
             f"{row['peak_rss_mb']:>12} {row['cpu_s']:>7}"
         )
     print()
