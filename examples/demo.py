@@ -60,7 +60,7 @@ def train(bootstrap: str) -> str:
         text=True,
     )
     print(done.stdout.strip())
-    match = re.search(r"published run (\w+)", done.stdout)
+    match = re.search(r"published run key (\w+)", done.stdout)
     if match is None:
         raise SystemExit(f"the training script did not say which run it published:\n{done.stdout}")
     return match.group(1)

@@ -100,8 +100,8 @@ def main() -> None:
     with Publisher(args.bootstrap_servers, args.topic, experiment_name=args.experiment) as pub:
         run_key = train(pub, args)
     print(
-        f"published run {run_key}: {pub.events_sent} events, {args.epochs} epochs, to {args.topic} "
-        f"in {time.monotonic() - started:.1f}s"
+        f"published run key {run_key}: {pub.events_sent} events, {args.epochs} epochs, "
+        f"to {args.topic} in {time.monotonic() - started:.1f}s"
     )
 
 

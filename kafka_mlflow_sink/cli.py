@@ -179,9 +179,9 @@ def run(
     _setup_logging(log_level)
     config = _guard(lambda: _load_config(config_file, kafka_pairs, flags))
     if print_config:
-        click.echo(to_toml(config.redacted()))
-        if not config.writers:
-            click.echo(f"# writers = 0 writes {config.writer_threads()} run(s) at once here")
+        threads = config.writer_threads()
+        notes = {} if config.writers else {"writers": f"0 writes {threads} run(s) at once here"}
+        click.echo(to_toml(config.redacted(), notes))
         return
     _guard(lambda: _run_sink(config))
 
@@ -587,7 +587,12 @@ def _run_sink(config: SinkConfig) -> None:
     check_mlflow(writer)
     check_registry(codec, config.schema_registry_url)
     _warn_unused(config)
-    logger.info("kafka-mlflow-sink %s starting with %s", __version__, config.redacted())
+    logger.info(
+        "kafka-mlflow-sink %s starting with %s; writing %d run(s) at once",
+        __version__,
+        config.redacted(),
+        writer.parallelism,
+    )
     sink = Sink(config, codec, writer)
     _on_stop_signals(sink.stop)
     _freeze_start_up_objects()

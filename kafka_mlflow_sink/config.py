@@ -69,7 +69,10 @@ class SinkConfig:
     def __post_init__(self) -> None:
         self._check_types()
         if not self.bootstrap_servers:
-            raise ConfigError("bootstrap_servers is required (e.g. 127.0.0.1:9092)")
+            raise ConfigError(
+                "bootstrap_servers is required: give -b HOST:PORT (e.g. 127.0.0.1:9092), "
+                "KAFKA_BOOTSTRAP_SERVERS, or bootstrap_servers in the --config file"
+            )
         if not self.topics or any(not t for t in self.topics):
             raise ConfigError("at least one topic is required")
         if self.framing not in FRAMINGS:
@@ -197,8 +200,9 @@ class SinkConfig:
         return shown
 
 
-def to_toml(shown: Mapping[str, Any]) -> str:
-    """Settings as a TOML document that ``--config`` reads back."""
+def to_toml(shown: Mapping[str, Any], notes: Mapping[str, str] | None = None) -> str:
+    """Settings as a TOML document that ``--config`` reads back; ``notes`` are comments put
+    under the keys they are about."""
     lines: list[str] = []
     tables: dict[str, Mapping[str, Any]] = {}
     for key, value in shown.items():
@@ -208,6 +212,8 @@ def to_toml(shown: Mapping[str, Any]) -> str:
             lines.append(f"# {key} is not set: its default applies")
         else:
             lines.append(f"{key} = {_toml_value(value)}")
+        if notes and key in notes:
+            lines.append(f"# {notes[key]}")
     for name, table in tables.items():
         lines += ["", f"[{name}]"] + [
             f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items()

@@ -72,12 +72,27 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 
 
 class PublishedRun:
-    """A run the Publisher is publishing events for."""
+    """A run the Publisher is publishing events for; ``start_run`` yields it.
+
+    Attributes:
+        run_key: the run's identity: the Kafka key of its events, and the tag
+            ``kafka_mlflow_sink.run_key`` on its MLflow run (not the MLflow run id).
+        run_name: the name given to ``start_run``, if any.
+        parent_run_key: the enclosing run's key for a nested run, else None.
+    """
+
+    run_key: str
+    run_name: str | None
+    parent_run_key: str | None
 
     def __init__(self, run_key: str, run_name: str | None, parent_run_key: str | None) -> None:
         self.run_key = run_key
         self.run_name = run_name
         self.parent_run_key = parent_run_key
+
+    def __repr__(self) -> str:
+        parent = f", parent_run_key={self.parent_run_key!r}" if self.parent_run_key else ""
+        return f"PublishedRun(run_key={self.run_key!r}, run_name={self.run_name!r}{parent})"
 
 
 class Publisher:

@@ -36,3 +36,11 @@ def test_what_mlflow_would_refuse_is_refused_at_once(
         call(publisher)  # type: ignore[operator]
     assert publisher.events_sent == 0
     publisher.close()
+
+
+def test_a_published_run_shows_its_run_key_and_parent() -> None:
+    from kafka_mlflow_sink.publisher import PublishedRun
+
+    child = PublishedRun("k-2", "eval", "k-1")
+    assert repr(child) == "PublishedRun(run_key='k-2', run_name='eval', parent_run_key='k-1')"
+    assert repr(PublishedRun("k-1", None, None)) == "PublishedRun(run_key='k-1', run_name=None)"
