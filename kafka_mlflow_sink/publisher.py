@@ -22,6 +22,7 @@ and raises ``PublishError`` if any was not delivered.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -163,6 +164,12 @@ class Publisher:
         )
         try:
             yield run
+        except PublishError:
+            # A flush inside has just waited flush_timeout and failed: end the run, but do
+            # not wait as long again before the job hears of it.
+            if self.active_run is run:
+                self._end_unflushed("FAILED")
+            raise
         except BaseException:
             if self.active_run is run:
                 self.end_run("FAILED")
@@ -202,9 +209,12 @@ class Publisher:
         """End the active run with ``status`` (FINISHED, FAILED or KILLED) and flush."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
+        self._end_unflushed(status, end_time)
+        self.flush()
+
+    def _end_unflushed(self, status: str, end_time: int | None = None) -> None:
         self._send(RunFinished(status, now_ms() if end_time is None else end_time))
         self._runs.pop()
-        self.flush()
 
     @property
     def active_run(self) -> PublishedRun | None:
@@ -293,14 +303,18 @@ class Publisher:
         if failures:
             raise PublishError(f"{len(failures)} delivery problem(s): " + "; ".join(failures[:5]))
 
-    def close(self) -> None:
-        """End any active runs as KILLED, flush, and release the producer. Idempotent."""
+    def close(self, timeout: float | None = None) -> None:
+        """End any active runs as KILLED, flush, and release the producer. Idempotent.
+
+        Args:
+            timeout: seconds to wait for acknowledgements; ``flush_timeout`` when None.
+        """
         if self._closed:
             return
         while self._runs:
             self.end_run("KILLED")
         self._closed = True
-        self.flush()
+        self.flush(timeout)
 
     def __enter__(self) -> Publisher:
         return self
@@ -311,6 +325,15 @@ class Publisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if isinstance(exc, PublishError):
+            # A flush has just waited flush_timeout and failed: its error is on its way to
+            # the job. The runs still open are ended, but waiting as long again for their
+            # acknowledgement would only delay that error.
+            while self._runs:
+                self._end_unflushed("FAILED")
+            with contextlib.suppress(PublishError):
+                self.close(timeout=0)
+            return
         if exc_type is not None:
             while self._runs:
                 self.end_run("FAILED")

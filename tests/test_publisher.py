@@ -44,3 +44,39 @@ def test_a_published_run_shows_its_run_key_and_parent() -> None:
     child = PublishedRun("k-2", "eval", "k-1")
     assert repr(child) == "PublishedRun(run_key='k-2', run_name='eval', parent_run_key='k-1')"
     assert repr(PublishedRun("k-1", None, None)) == "PublishedRun(run_key='k-1', run_name=None)"
+
+
+class _UnacknowledgingProducer:
+    """A producer whose broker never answers: every flush leaves its events waiting."""
+
+    def __init__(self) -> None:
+        self.flush_timeouts: list[float] = []
+        self.values: list[bytes] = []
+
+    def produce(self, topic: str, key: bytes, value: bytes, **kwargs: object) -> None:
+        self.values.append(value)
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        self.flush_timeouts.append(timeout)
+        return len(self.values)
+
+
+def test_a_failed_flush_is_raised_once_without_waiting_for_it_again() -> None:
+    """Leaving both blocks used to wait flush_timeout twice before the job heard of it."""
+    from kafka_mlflow_sink.codec import BareCodec
+    from kafka_mlflow_sink.errors import PublishError
+    from kafka_mlflow_sink.events import RunFinished
+
+    producer = _UnacknowledgingProducer()
+    with pytest.raises(PublishError, match="still unacknowledged"):  # noqa: SIM117
+        with Publisher("127.0.0.1:1", "t", flush_timeout=3.0) as pub:
+            pub._producer = producer  # type: ignore[assignment]
+            with pub.start_run("outer"), pub.start_run("inner", nested=True):
+                pub.log_metric("loss", 1.0)
+    assert producer.flush_timeouts == [3.0, 0]  # the inner run's flush, then no wait
+    inner, outer = (BareCodec().decode(v, "t").payload for v in producer.values[-2:])
+    assert isinstance(inner, RunFinished) and isinstance(outer, RunFinished)
+    assert (inner.status, outer.status) == ("FINISHED", "FAILED")
