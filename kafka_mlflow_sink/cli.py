@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -491,6 +492,12 @@ def _setup_logging(level: str) -> None:
     )
     for noisy in ("alembic", "mlflow", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # MLflow's SQL store logs each database error it raises with a stack trace; the sink
+    # reports every one itself, in one line that says what happens next.
+    debug = level.lower() == "debug"
+    logging.getLogger("mlflow.store.db.utils").setLevel(
+        logging.DEBUG if debug else logging.CRITICAL
+    )
 
 
 def _refuse_missing_sqlite(tracking_uri: str | None) -> None:
@@ -529,10 +536,12 @@ def _freeze_start_up_objects() -> None:
     gc.freeze()
 
 
-def _on_stop_signals(stop: Callable[[], None]) -> None:
+def _on_stop_signals(
+    stop: Callable[[], None], doing: str = "finishing the batch in flight, then stopping"
+) -> None:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        logger.info("%s received: finishing the batch in flight, then stopping", name)
+        logger.info("%s received: %s", name, doing)
         stop()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -574,6 +583,10 @@ def _run_replay(
 
 
 def _run_sink(config: SinkConfig) -> None:
+    # Start-up (imports, reaching Kafka, MLflow and the registry) takes seconds; a SIGTERM
+    # then ends the daemon as one later does, with exit 0, rather than killing it.
+    early = threading.Event()
+    _on_stop_signals(early.set, "stopping before the sink starts")
     _mlflow_environment()
     _import_mlflow()
     from kafka_mlflow_sink.codec import check_registry, make_codec
@@ -582,11 +595,17 @@ def _run_sink(config: SinkConfig) -> None:
     from kafka_mlflow_sink.writer import MlflowWriter, check_mlflow
 
     codec = make_codec(config.framing, config.schema_registry_url)  # settings first
+    if early.is_set():
+        return
     check_kafka(config)
+    if early.is_set():
+        return
     writer = MlflowWriter(config.tracking_uri, parallelism=config.writer_threads())
     check_mlflow(writer)
     check_registry(codec, config.schema_registry_url)
     _warn_unused(config)
+    if early.is_set():
+        return
     logger.info(
         "kafka-mlflow-sink %s starting with %s; writing %d run(s) at once",
         __version__,
@@ -595,5 +614,7 @@ def _run_sink(config: SinkConfig) -> None:
     )
     sink = Sink(config, codec, writer)
     _on_stop_signals(sink.stop)
+    if early.is_set():
+        sink.stop()  # it closes what it opened and returns at once
     _freeze_start_up_objects()
     sink.run()

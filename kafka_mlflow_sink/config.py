@@ -95,6 +95,11 @@ class SinkConfig:
                 f"kafka setting {masked[0]!r} is the mask '***' from a printed "
                 "configuration; give the real value"
             )
+        if self.tracking_uri and in_memory_store(self.tracking_uri):
+            raise ConfigError(
+                f"tracking URI {redact_uri(self.tracking_uri)} is an in-memory database: what "
+                "the sink writes would be gone when it exits, with its offsets committed"
+            )
         for name in ("tracking_uri", "schema_registry_url"):
             value = getattr(self, name)
             if isinstance(value, str) and ":***@" in value:
@@ -198,6 +203,15 @@ class SinkConfig:
         if self.schema_registry_url:
             shown["schema_registry_url"] = redact_uri(self.schema_registry_url)
         return shown
+
+
+def in_memory_store(uri: str) -> bool:
+    """Whether ``uri`` names an SQLite database that lives only in the process's memory."""
+    scheme, _, rest = uri.partition("://")
+    if scheme.split("+")[0].lower() != "sqlite":
+        return False
+    path, _, query = rest.partition("?")
+    return path.lstrip("/") in ("", ":memory:") or ":memory:" in path or "mode=memory" in query
 
 
 def to_toml(shown: Mapping[str, Any], notes: Mapping[str, str] | None = None) -> str:

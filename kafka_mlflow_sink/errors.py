@@ -101,6 +101,8 @@ def concise(text: str) -> str:
     ... [Errno 111] Connection refused ..." becomes "API request to URL failed: Connection
     refused"; an HTML error page is named rather than quoted.
     """
+    # SQLAlchemy appends the statement, its parameters and a link to its docs.
+    text = re.sub(r"\s*\[SQL: .*", "", text, flags=re.DOTALL)
     html = re.search(r"<!doctype html|<html", text, re.IGNORECASE)
     if html:
         before = re.sub(r"\s*b?['\"]?$", "", text[: html.start()])

@@ -254,7 +254,7 @@ class MlflowWriter:
         except Exception as exc:
             uri = redact_uri(tracking_uri or "(MLflow's default)")
             reason = first_line(exc) or type(exc).__name__
-            raise ConfigError(f"tracking URI {uri} is not usable: {reason[:200]}") from exc
+            raise ConfigError(f"tracking URI {uri} is not usable: {reason[:400]}") from exc
         self._experiments: dict[str, str] = {}
         self._runs = _RunCache(max_cached_runs)
         # Run keys whose "create run" failed in a way that may still succeed on the server

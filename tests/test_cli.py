@@ -45,6 +45,10 @@ def test_help_lists_the_commands_and_options() -> None:
         (["run", "-b", "x:1", "--kafka", "enable.auto.commit=true"], "managed by the sink"),
         (["run", "-b", "x:1", "-t", "a", "--dead-letter-topic", "a"], "must differ"),
         (["run"], "bootstrap_servers is required"),
+        # Everything written would vanish at exit while Kafka counts it as done.
+        (["run", "-b", "x:1", "--tracking-uri", "sqlite://"], "is an in-memory database"),
+        (["replay", "-b", "x:1", "--tracking-uri", "sqlite:///:memory:"], "in-memory database"),
+        (["run", "-b", "x:1", "--tracking-uri", "sqlite:///file::memory:?cache=shared"], "memory"),
     ],
 )
 def test_bad_settings_end_with_one_line_and_exit_2(args: list[str], message: str) -> None:
@@ -371,3 +375,46 @@ cli._import_mlflow("needs_pandas")
 print(type(sys.modules["needs_pandas"].pandas.DataFrame).__name__)
 """
     assert _python(code, tmp_path) == "type"
+
+
+def test_mlflows_own_stack_traces_of_database_errors_stay_out_of_the_log() -> None:
+    """The sink reports a locked or read-only SQLite store itself, in one line."""
+    import logging
+
+    from kafka_mlflow_sink.cli import _setup_logging
+
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    try:
+        _setup_logging("info")
+        assert not store_log.isEnabledFor(logging.ERROR)
+        _setup_logging("debug")
+        assert store_log.isEnabledFor(logging.DEBUG)
+    finally:
+        store_log.setLevel(logging.NOTSET)
+
+
+@pytest.mark.integration
+def test_a_sigterm_during_start_up_stops_the_daemon_with_exit_0(
+    kafka_bootstrap_servers: str, topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Start-up takes seconds (imports, Kafka, a fresh store); a stop then is still clean."""
+    import signal
+    import time
+
+    log = tmp_path / "sink.log"
+    with log.open("wb") as out:
+        sink = subprocess.Popen(
+            [str(BIN), "run", "-b", kafka_bootstrap_servers, "-t", topic(),
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    status = Path(f"/proc/{sink.pid}/status")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the daemon catches SIGTERM
+        caught = next(ln for ln in status.read_text().splitlines() if ln.startswith("SigCgt"))
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.01)
+    sink.send_signal(signal.SIGTERM)
+    assert sink.wait(timeout=60) == 0, log.read_text()
+    assert "SIGTERM received: stopping before the sink starts" in log.read_text()

@@ -135,6 +135,12 @@ def test_outages_are_never_ambiguous(text: str, ambiguous: bool) -> None:
             "API request to endpoint /api/2.0/mlflow/runs/create failed with error code 404 != "
             "200. Response body: (an HTML page: is this the right URL?)",
         ),
+        (
+            "TEMPORARILY_UNAVAILABLE: (sqlite3.OperationalError) database is locked [SQL: SELECT "
+            "runs.run_uuid AS runs_run_uuid FROM runs WHERE runs.run_uuid = ?] [parameters: "
+            "('abc',)] (Background on this error at: https://sqlalche.me/e/20/e3q8)",
+            "TEMPORARILY_UNAVAILABLE: (sqlite3.OperationalError) database is locked",
+        ),
     ],
 )
 def test_http_errors_are_told_in_a_few_words(raw: str, short: str) -> None:
