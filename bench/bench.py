@@ -112,24 +112,28 @@ def run_events(shape: Shape, prefix: str) -> Iterator[tuple[str, Any]]:
         yield key, RunFinished("FINISHED", base + shape.steps * 10 + 1000)
 
 
-def fill_topic(bootstrap: str, topic: str, shape: Shape, prefix: str) -> int:
+def _producer(bootstrap: str, **extra: Any) -> Any:
+    """A producer set up as the Publisher's (a training job's), librdkafka lines logged."""
     from confluent_kafka import Producer
 
-    from kafka_mlflow_sink.codec import BareCodec
-    from kafka_mlflow_sink.events import RunEvent
     from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
     from kafka_mlflow_sink.publisher import PRODUCER_DEFAULTS
 
+    settings = {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, "logger": LIBRDKAFKA_LOGGER}
+    return Producer({**settings, **extra})
+
+
+def _produce_all(producer: Any, topic: str, shape: Shape, prefix: str, **kw: Any) -> int:
+    from kafka_mlflow_sink.codec import BareCodec
+    from kafka_mlflow_sink.events import RunEvent
+
     codec = BareCodec()
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, "logger": LIBRDKAFKA_LOGGER}
-    )
     count = 0
     for key, payload in run_events(shape, prefix):
         value = codec.encode(RunEvent(key, EXPERIMENT, payload), topic)
         while True:
             try:
-                producer.produce(topic, key=key, value=value)
+                producer.produce(topic, key=key, value=value, **kw)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -137,6 +141,33 @@ def fill_topic(bootstrap: str, topic: str, shape: Shape, prefix: str) -> int:
     if producer.flush(60) != 0:
         raise RuntimeError("the benchmark's producer could not deliver every event")
     return count
+
+
+def fill_topic(bootstrap: str, topic: str, shape: Shape, prefix: str) -> int:
+    return _produce_all(_producer(bootstrap), topic, shape, prefix)
+
+
+class StagedTopic:
+    """The data produced into a topic in a transaction left open: consumers reading
+    committed records (librdkafka's default, and so the sink's) see none of it until
+    ``release`` commits it, and then all of it at once."""
+
+    def __init__(self, bootstrap: str, topic: str, shape: Shape, prefix: str) -> None:
+        self._producer = _producer(bootstrap, **{"transactional.id": f"bench-{uuid.uuid4().hex}"})
+        self._producer.init_transactions(30)
+        self._producer.begin_transaction()
+        self.ends: dict[int, int] = {}  # partition: offset after its last record
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is None:
+                self.ends[msg.partition()] = max(
+                    self.ends.get(msg.partition(), 0), msg.offset() + 1
+                )
+
+        self.records = _produce_all(self._producer, topic, shape, prefix, on_delivery=delivered)
+
+    def release(self) -> None:
+        self._producer.commit_transaction(30)
 
 
 # ----------------------------------------------------------------------------- children
@@ -353,9 +384,13 @@ class SinkRun:
 
 
 class LagWatch:
-    """One consumer that only reads a group's committed offsets against the end offsets."""
+    """One consumer that only reads a group's committed offsets against the end offsets
+    (``ends``, by partition, when given: the offsets after the last records, not counting a
+    transaction's commit marker)."""
 
-    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, group: str, ends: dict[int, int] | None = None
+    ) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
@@ -365,10 +400,12 @@ class LagWatch:
             tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
             for tp in self._partitions
         }
+        if ends is not None:
+            self._ends = {p: ends.get(p, 0) for p in self._ends}
 
     def lag(self) -> int:
         committed = self._consumer.committed(self._partitions, timeout=10)
-        return sum(self._ends[tp.partition] - max(tp.offset, 0) for tp in committed)
+        return sum(max(0, self._ends[tp.partition] - max(tp.offset, 0)) for tp in committed)
 
     def close(self) -> None:
         self._consumer.close()
@@ -384,12 +421,15 @@ def measure_sink(
     profile: Path | None = None,
     writers: int | None = None,
 ) -> Measured:
-    """Start the sink instances, fill their topic, time it from the first record to zero lag.
+    """Time the sink instances through a full topic, from its first record to zero lag.
 
-    Every instance holds its share of the partitions before the first record is produced:
-    timed from a later join, one instance could have written most of the topic already.
+    The topic is filled in a transaction held open until every instance holds its share of
+    the partitions; its commit makes every record visible at once and starts the clock.
+    Timed from a later join instead, one instance could have written most of the topic
+    before a second one started; filled while timed, the producer's work would count.
     """
     topic = create_topic(bootstrap, f"bench-{uuid.uuid4().hex[:8]}", partitions)
+    staged = StagedTopic(bootstrap, topic, shape, f"sink-{uuid.uuid4().hex[:6]}")
     group = f"sink-{uuid.uuid4().hex[:6]}"
     sinks = [
         SinkRun(bootstrap, topic, group, uri, workdir / f"sink-{topic}-{i}.log",
@@ -397,9 +437,10 @@ def measure_sink(
         for i in range(instances)
     ]  # fmt: skip
     _wait_for_spread(sinks, partitions)
+    watch = LagWatch(bootstrap, topic, group, staged.ends)
     began = time.monotonic()
-    records = fill_topic(bootstrap, topic, shape, f"sink-{uuid.uuid4().hex[:6]}")
-    watch = LagWatch(bootstrap, topic, group)  # the topic is full: its end offsets are final
+    staged.release()
+    records = staged.records
     while watch.lag() > 0:
         time.sleep(0.05)
     seconds = time.monotonic() - began
@@ -761,6 +802,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no table-creation chatter
+    # Stopped with SIGTERM, still stop the broker, the servers and PostgreSQL it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     results = []
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp:
         workdir = Path(tmp)
