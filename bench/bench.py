@@ -772,7 +772,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("metric points per second")
     ax.set_yscale("log")
     ax.set_title("kafka-mlflow-sink against MLflow's single-writer ceiling and a naive consumer")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
