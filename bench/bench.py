@@ -396,12 +396,14 @@ class LagWatch:
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._partitions = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self._ends = {
-            tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
-            for tp in self._partitions
-        }
-        if ends is not None:
-            self._ends = {p: ends.get(p, 0) for p in self._ends}
+        self._ends = (
+            {tp.partition: ends.get(tp.partition, 0) for tp in self._partitions}
+            if ends is not None
+            else {
+                tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
+                for tp in self._partitions
+            }
+        )
 
     def lag(self) -> int:
         committed = self._consumer.committed(self._partitions, timeout=10)
@@ -472,12 +474,10 @@ def measure_latency(
 
     The load runs ``WARM_UP_SECONDS`` before the ``seconds`` that are measured.
     """
-    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka import Consumer, TopicPartition
 
     from kafka_mlflow_sink.codec import BareCodec
     from kafka_mlflow_sink.events import RunEvent
-    from kafka_mlflow_sink.kafkalog import LIBRDKAFKA_LOGGER
-    from kafka_mlflow_sink.publisher import PRODUCER_DEFAULTS
 
     topic = create_topic(bootstrap, f"latency-{uuid.uuid4().hex[:8]}", 4)
     group = f"latency-{uuid.uuid4().hex[:6]}"
@@ -504,9 +504,7 @@ def measure_latency(
     watcher.start()
     # Produced the way the Publisher produces for a training job (20 ms linger): the
     # latency counts from the moment the job hands an event over.
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, "logger": LIBRDKAFKA_LOGGER}
-    )
+    producer = _producer(bootstrap)
     interval = 1.0 / events_per_second
     shape = Shape(runs=8, metrics=5, steps=10_000)
     events = run_events(shape, f"latency-{uuid.uuid4().hex[:6]}")
@@ -551,22 +549,17 @@ def _latencies(
     experiment and every run (all runs start at once here); that is a one-off of each
     start, reported as ``p99_with_start``, not a property of the rate.
     """
-    steady = sorted(
-        committed_at[k] - t for k, t in produced.items() if k in committed_at and t >= settled
-    )
-    every = sorted(committed_at[k] - t for k, t in produced.items() if k in committed_at)
+    waits = [(t, committed_at[k] - t) for k, t in produced.items() if k in committed_at]
+    steady = sorted(wait for t, wait in waits if t >= settled)
     if not steady:
         return {"p50": float("nan"), "p99": float("nan"), "records": 0}
     return {
         "p50": statistics.median(steady),
         "p99": _p99(steady),
-        "p99_with_start": _p99(every),
-        "warm_up_worst": max(
-            (committed_at[k] - t for k, t in produced.items() if k in committed_at and t < settled),
-            default=float("nan"),
-        ),
+        "p99_with_start": _p99(sorted(wait for _, wait in waits)),
+        "warm_up_worst": max((wait for t, wait in waits if t < settled), default=float("nan")),
         "records": len(steady),
-        "lost": len(produced) - len(every),
+        "lost": len(produced) - len(waits),
         "events_per_second": events_per_second,
     }
 

@@ -400,7 +400,8 @@ def _import_mlflow(module: str = "mlflow") -> None:
     try:
         importlib.import_module(module)
     except ImportError as exc:
-        if exc.name != "pandas" or "pandas" not in sys.modules or sys.modules["pandas"]:
+        kept_out = "pandas" in sys.modules and sys.modules["pandas"] is None
+        if exc.name != "pandas" or not kept_out:
             raise
         del sys.modules["pandas"]
         logger.debug("MLflow needs pandas here (%s); importing it", exc)
@@ -604,8 +605,6 @@ def _run_sink(config: SinkConfig) -> None:
     check_mlflow(writer)
     check_registry(codec, config.schema_registry_url)
     _warn_unused(config)
-    if early.is_set():
-        return
     logger.info(
         "kafka-mlflow-sink %s starting with %s; writing %d run(s) at once",
         __version__,

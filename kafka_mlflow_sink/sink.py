@@ -197,7 +197,6 @@ class Sink:
     def _handle(self, records: list[Message]) -> None:
         self._revoked = False
         began = time.monotonic()
-        logger.debug("batch of %d records", len(records))
         try:
             dead = self._write_with_retries(records)
         except Abandoned as why:

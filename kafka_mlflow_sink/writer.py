@@ -173,14 +173,9 @@ def _store_log_batch(client: MlflowClient) -> Callable[..., Any]:
     version keeps its store elsewhere.
     """
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    if store is None or not callable(getattr(store, "log_batch", None)):
+    log_batch: Callable[..., Any] | None = getattr(store, "log_batch", None)
+    if not callable(log_batch):
         return functools.partial(client.log_batch, synchronous=True)
-
-    def log_batch(
-        run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
-    ) -> None:
-        store.log_batch(run_id=run_id, metrics=metrics, params=params, tags=tags)
-
     return log_batch
 
 
